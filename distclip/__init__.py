@@ -1,0 +1,52 @@
+"""distclip: gradient clipping that stays correct when training is distributed.
+
+Every clipper computes the true global gradient norm across all ranks and shards and
+keeps a history (AutoClip's window) that is identical on every rank.
+
+Entry points:
+
+* :func:`AutoClippedOptimizer` / :func:`ClippedOptimizer`: an optimizer class with
+  clipping built in (a real subclass of the base class);
+* :func:`attach`: clipping hooked onto an optimizer instance that already exists;
+* :class:`AutoClip`, :class:`NormClip`, :func:`make_clipper`: a standalone clipper
+  to call between ``backward()`` and ``step()``.
+"""
+
+from distclip._version import __version__
+from distclip.clippers import (
+    AutoClip,
+    AutoClipConfig,
+    ClipConfig,
+    Clipper,
+    ClipStats,
+    NormClip,
+    NormClipConfig,
+    available_methods,
+    make_clipper,
+)
+from distclip.errors import NonFiniteNormError, RankDesyncError
+from distclip.integrations import (
+    AutoClippedOptimizer,
+    ClipHandle,
+    ClippedOptimizer,
+    attach,
+)
+
+__all__ = [
+    "AutoClip",
+    "AutoClipConfig",
+    "AutoClippedOptimizer",
+    "ClipConfig",
+    "ClipHandle",
+    "ClipStats",
+    "ClippedOptimizer",
+    "Clipper",
+    "NonFiniteNormError",
+    "NormClip",
+    "NormClipConfig",
+    "RankDesyncError",
+    "__version__",
+    "attach",
+    "available_methods",
+    "make_clipper",
+]

@@ -1,0 +1,316 @@
+"""The stateful clipper: reduction plan + threshold rule + scaling + checkpointable state.
+
+A :class:`Clipper` owns the parameters it clips and a :class:`~distclip.reduction.ReductionPlan`
+built once from them. Each :meth:`Clipper.clip_`:
+
+1. computes the global norm ``n`` through the plan (one collective per process group);
+2. asks the method for this step's threshold ``tau`` (methods with state update it
+   here, only with finite norms, so every rank's state stays identical);
+3. multiplies every gradient by ``c = min(1, tau / (n + eps))`` (1 when ``n`` is
+   NaN/inf: the update is then skipped by the integration);
+4. returns a :class:`ClipStats` of 0-dim device tensors.
+
+No step reads a tensor back to the host, except with ``nonfinite="error"`` (which must
+decide on the host whether to raise) and the optional debug consistency check.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from distclip.clippers.config import ClipConfig
+from distclip.clippers.stats import ClipStats
+from distclip.errors import NonFiniteNormError, RankDesyncError
+from distclip.functional import clip_coefficient, scale_, skip_aware_coefficient
+from distclip.reduction import ReductionPlan, all_gather_tensor, is_distributed
+
+__all__ = ["Clipper", "ParamsLike", "as_param_list"]
+
+logger = logging.getLogger(__name__)
+
+#: Tensors, or param-group dicts with a ``"params"`` entry (as optimizers take them).
+ParamsLike = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+
+def as_param_list(params: ParamsLike) -> list[Tensor]:
+    """Flatten tensors or param groups into a list of distinct tensors (order kept).
+
+    Raises:
+        TypeError: ``params`` is a single tensor, or holds something that is not one.
+        ValueError: ``params`` is empty (for example a generator already consumed).
+    """
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "params must be an iterable of tensors or of param-group dicts, got a single "
+            "Tensor; wrap it in a list"
+        )
+    flat: list[Tensor] = []
+    seen: set[int] = set()
+    for entry in params:
+        tensors = entry["params"] if isinstance(entry, dict) else [entry]
+        if isinstance(tensors, Tensor):
+            tensors = [tensors]
+        for tensor in tensors:
+            if not isinstance(tensor, Tensor):
+                raise TypeError(f"params must hold tensors, got {type(tensor).__name__}")
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                flat.append(tensor)
+    if not flat:
+        raise ValueError(
+            "params is empty: the clipper needs at least one parameter (was a generator "
+            "such as model.parameters() already consumed?)"
+        )
+    return flat
+
+
+def _bit_checksum(tensor: Tensor) -> Tensor:
+    """An int64 checksum sensitive to every bit and position of ``tensor``."""
+    flat = tensor.detach().reshape(-1)
+    if flat.is_floating_point():
+        int_dtype = {8: torch.int64, 4: torch.int32, 2: torch.int16}[flat.element_size()]
+        flat = flat.view(int_dtype)
+    flat = flat.to(torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
+    return (flat * weights).sum() + flat.numel()
+
+
+class Clipper:
+    """Base class of every clipping method; see the module docstring for the step.
+
+    Subclasses set ``method``, ``config_cls`` and ``class_prefix`` and implement
+    :meth:`_threshold`; stateful ones also implement the ``_*state*`` methods.
+
+    Args:
+        params: the tensors whose gradients are clipped (or param-group dicts).
+        **options: the method's options; see its configuration class.
+    """
+
+    method: ClassVar[str] = ""
+    class_prefix: ClassVar[str] = "Clipped"
+    config_cls: ClassVar[type[ClipConfig]] = ClipConfig
+    #: Version of the checkpoint format written by :meth:`state_dict`.
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    config: ClipConfig
+
+    def __init__(self, params: ParamsLike, **options: Any) -> None:
+        self._setup(params, self.config_cls.from_options(self.method, options))
+
+    @classmethod
+    def from_config(cls, params: ParamsLike, config: ClipConfig) -> Clipper:
+        """Build from an already validated configuration of this method."""
+        if not isinstance(config, cls.config_cls):
+            raise TypeError(
+                f"{cls.__name__} needs a {cls.config_cls.__name__}, got {type(config).__name__}"
+            )
+        clipper = cls.__new__(cls)
+        clipper._setup(params, config)
+        return clipper
+
+    def _setup(self, params: ParamsLike, config: ClipConfig) -> None:
+        self.config = config
+        self.params = as_param_list(params)
+        self._plan: ReductionPlan | None = None
+        self.num_steps = 0
+        plan = self.plan  # built now: an unsupported layout is refused at construction
+        self.num_skipped = torch.zeros((), dtype=torch.long, device=plan.device)
+        self.num_clipped = torch.zeros((), dtype=torch.long, device=plan.device)
+        self._init_state(plan)
+
+    # ------------------------------------------------------------------ params
+    def set_params(self, params: ParamsLike) -> None:
+        """Replace the clipped parameters (e.g. after ``add_param_group``); the plan is rebuilt."""
+        self.params = as_param_list(params)
+        self._plan = None
+
+    @property
+    def plan(self) -> ReductionPlan:
+        """The reduction plan, built on first use after construction or :meth:`set_params`."""
+        if self._plan is None:
+            self._plan = ReductionPlan.build(self.params)
+        return self._plan
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def total_norm(self) -> Tensor:
+        """The global gradient norm now (0-dim tensor); changes no state."""
+        return self.plan.total_norm(self.config.norm_type, foreach=self.config.foreach)
+
+    @torch.no_grad()
+    def clip_(self) -> ClipStats:
+        """Clip the gradients in place by this step's threshold; return what was seen.
+
+        The returned ``skipped`` is true when the global norm is NaN/inf: the gradients
+        are left untouched and the state is not updated; the caller must not apply
+        this step's update (the optimizer integrations do that for you).
+
+        Raises:
+            NonFiniteNormError: the norm is NaN/inf and ``nonfinite="error"`` (on
+                every rank alike, before anything is modified).
+        """
+        plan = self.plan
+        total_norm = plan.total_norm(self.config.norm_type, foreach=self.config.foreach)
+        finite = torch.isfinite(total_norm)
+        if self.config.nonfinite == "error" and not bool(finite):
+            raise NonFiniteNormError(
+                f"the global gradient norm is {float(total_norm)} at step "
+                f"{self.num_steps + 1}; nothing was modified. Use nonfinite='skip' to skip "
+                "such steps instead of raising."
+            )
+        threshold = self._threshold(total_norm, finite)
+        coef = skip_aware_coefficient(
+            clip_coefficient(threshold, total_norm, self.config.eps), finite
+        )
+        scale_(plan.grads(), coef, foreach=self.config.foreach)
+        skipped = ~finite
+        self.num_skipped.add_(skipped.to(self.num_skipped.device, torch.long))
+        self.num_clipped.add_(
+            (finite & (total_norm > threshold)).to(self.num_clipped.device, torch.long)
+        )
+        self.num_steps += 1
+        if self.config.check_every and self.num_steps % self.config.check_every == 0:
+            self.check_consistency()
+        return ClipStats(total_norm, threshold, coef, skipped, self.num_steps)
+
+    def _threshold(self, total_norm: Tensor, finite: Tensor) -> Tensor:
+        """This step's threshold (0-dim, ``total_norm``'s device); may update state."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------- state
+    def _init_state(self, plan: ReductionPlan) -> None:
+        """Create the method's state tensors on ``plan.device``."""
+
+    def _state(self) -> dict[str, Any]:
+        """The method's own state (tensors, ints, floats, strings)."""
+        return {}
+
+    def _validate_state(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state`` does not fit this clipper."""
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Load a validated ``state``."""
+
+    def _reset_state(self) -> None:
+        """Forget what the method has learnt."""
+
+    def _state_tensors(self) -> list[Tensor]:
+        """Tensors compared across ranks by :meth:`check_consistency`."""
+        return [t for t in self._state().values() if isinstance(t, Tensor)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The clipper's checkpoint: method, options, counters and the method's state.
+
+        Holds only tensors, numbers, strings and ``None`` (loadable with
+        ``torch.load(weights_only=True)``). The state is replicated: identical on
+        every rank, so a checkpoint loads at any world size.
+        """
+        return {
+            "format_version": self.FORMAT_VERSION,
+            "method": self.method,
+            "config": self.config.as_dict(),
+            "num_steps": self.num_steps,
+            "num_skipped": self.num_skipped,
+            "num_clipped": self.num_clipped,
+            "state": self._state(),
+        }
+
+    def validate_state_dict(self, state_dict: Any) -> None:
+        """Raise ``TypeError``/``ValueError`` if ``state_dict`` cannot be loaded here."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"a clipper state_dict must be a dict, got {type(state_dict).__name__}")
+        version = state_dict.get("format_version")
+        if not isinstance(version, int) or not 1 <= version <= self.FORMAT_VERSION:
+            raise ValueError(
+                f"clipper state format_version {version!r} is not supported; this distclip "
+                f"reads versions 1 to {self.FORMAT_VERSION}"
+            )
+        method = state_dict.get("method")
+        if method != self.method:
+            raise ValueError(
+                f"the state_dict was saved by method {method!r} but this clipper is "
+                f"{self.method!r}; build the clipper with method={method!r} to resume from it"
+            )
+        if not isinstance(state_dict.get("num_steps"), int) or state_dict["num_steps"] < 0:
+            raise ValueError(f"num_steps must be an int >= 0, got {state_dict.get('num_steps')!r}")
+        for key in ("num_skipped", "num_clipped"):
+            value = state_dict.get(key)
+            if not isinstance(value, Tensor) or value.shape != () or value.is_floating_point():
+                raise ValueError(f"{key} must be a 0-dim integer tensor, got {value!r}")
+        state = state_dict.get("state")
+        if not isinstance(state, dict):
+            raise ValueError(f"the method state must be a dict, got {type(state).__name__}")
+        self._validate_state(state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; it is validated first and nothing changes on error."""
+        self.validate_state_dict(state_dict)
+        saved_config = state_dict.get("config")
+        if isinstance(saved_config, dict) and saved_config != self.config.as_dict():
+            logger.info(
+                "distclip: resuming %s with options %s (the checkpoint was saved with %s)",
+                self.method,
+                self.config.as_dict(),
+                saved_config,
+            )
+        device = self.num_skipped.device
+        self.num_steps = state_dict["num_steps"]
+        self.num_skipped = state_dict["num_skipped"].detach().to(device, torch.long, copy=True)
+        self.num_clipped = state_dict["num_clipped"].detach().to(device, torch.long, copy=True)
+        self._load_state(state_dict["state"])
+
+    def reset(self) -> None:
+        """Forget the history: counters to zero, the method's state emptied."""
+        self.num_steps = 0
+        self.num_skipped.zero_()
+        self.num_clipped.zero_()
+        self._reset_state()
+
+    # ------------------------------------------------------------- consistency
+    def state_checksum(self) -> Tensor:
+        """1-D int64 tensor fingerprinting the whole state, bit for bit (no sync)."""
+        device = self.num_skipped.device
+        parts = [
+            torch.tensor(self.num_steps, dtype=torch.long, device=device),
+            self.num_skipped,
+            self.num_clipped,
+            *(_bit_checksum(t).to(device) for t in self._state_tensors()),
+        ]
+        return torch.stack(parts)
+
+    def check_consistency(self, group: Any = None) -> None:
+        """Debug: raise if any rank's state differs from rank 0's (one all-gather, a sync).
+
+        Does nothing without an initialised process group.
+
+        Raises:
+            RankDesyncError: naming the ranks whose state differs from rank 0's.
+        """
+        if not is_distributed():
+            return
+        gathered = all_gather_tensor(self.state_checksum(), group)
+        reference = gathered[0]
+        bad = [
+            rank for rank, checksum in enumerate(gathered) if not torch.equal(checksum, reference)
+        ]
+        if bad:
+            raise RankDesyncError(
+                f"distclip {self.method}: the clipper state on rank(s) {bad} differs from "
+                f"rank 0's at step {self.num_steps}; every rank must see the same global "
+                "norms (are some gradients neither replicated nor covered by the reduction?)"
+            )
+
+    # ----------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_plan"] = None  # derived; may hold process groups, which do not pickle
+        return state
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.config.as_dict().items())
+        return f"{type(self).__name__}({len(self.params)} params, {options})"

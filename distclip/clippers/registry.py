@@ -1,0 +1,42 @@
+"""Method names to clipper classes: the one place a name is resolved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distclip.clippers.autoclip import AutoClip
+from distclip.clippers.base import Clipper, ParamsLike
+from distclip.clippers.norm import NormClip
+
+__all__ = ["METHODS", "available_methods", "make_clipper", "resolve_method"]
+
+#: Canonical names and aliases of the methods this version ships.
+METHODS: dict[str, type[Clipper]] = {
+    "autoclip": AutoClip,
+    "auto_clip": AutoClip,
+    "norm": NormClip,
+}
+
+
+def available_methods() -> tuple[str, ...]:
+    """Every accepted method name (aliases included), sorted."""
+    return tuple(sorted(METHODS))
+
+
+def resolve_method(method: str) -> type[Clipper]:
+    """The clipper class of ``method``; ``ValueError`` listing the valid names if unknown."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(
+            f"unknown clipping method {method!r}; valid methods: {', '.join(available_methods())}"
+        )
+    return METHODS[method]
+
+
+def make_clipper(method: str, params: ParamsLike, **options: Any) -> Clipper:
+    """Build the clipper of ``method`` over ``params`` with ``options``.
+
+    Raises:
+        ValueError: unknown method or an option out of range.
+        TypeError: an unknown option or a value of the wrong type.
+    """
+    return resolve_method(method)(params, **options)

@@ -1,0 +1,32 @@
+"""Pure tensor math: power sums, roots, quantiles, clip coefficients and scaling.
+
+No ``torch.distributed``, no state, no host synchronisation.
+"""
+
+from distclip.functional.norms import (
+    accumulation_dtype,
+    combine_powsums,
+    local_powsum,
+    powsum_to_norm,
+    validate_norm_type,
+)
+from distclip.functional.quantile import prefix_quantile
+from distclip.functional.scaling import (
+    DEFAULT_EPS,
+    clip_coefficient,
+    scale_,
+    skip_aware_coefficient,
+)
+
+__all__ = [
+    "DEFAULT_EPS",
+    "accumulation_dtype",
+    "clip_coefficient",
+    "combine_powsums",
+    "local_powsum",
+    "powsum_to_norm",
+    "prefix_quantile",
+    "scale_",
+    "skip_aware_coefficient",
+    "validate_norm_type",
+]

@@ -1,0 +1,28 @@
+"""Group tensors by (device, dtype) for the foreach kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import (
+    _device_has_foreach_support,
+    _group_tensors_by_device_and_dtype,
+)
+
+__all__ = ["group_by_device_and_dtype", "use_foreach"]
+
+
+def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:
+    """``[(device, tensors on it with one dtype), ...]``, as torch's clipping groups them."""
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)])  # type: ignore[list-item]
+    return [
+        (device, [t for t in lists[0] if t is not None])
+        for (device, _), (lists, _) in grouped.items()  # type: ignore[misc]
+    ]
+
+
+def use_foreach(device: torch.device, foreach: bool | None) -> bool:
+    """Whether to use the foreach kernels on ``device`` (``None``: where supported)."""
+    return _device_has_foreach_support(device) if foreach is None else foreach

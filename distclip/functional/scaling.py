@@ -1,0 +1,46 @@
+"""Clip coefficients and in-place scaling of gradients.
+
+As in ``torch.nn.utils.clip_grads_with_norm_``, the coefficient is clamped on the
+device and always multiplied in, instead of branching on ``coef < 1`` (a branch on a
+tensor's value is a host synchronisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from distclip.functional._grouping import group_by_device_and_dtype, use_foreach
+
+__all__ = ["DEFAULT_EPS", "clip_coefficient", "scale_", "skip_aware_coefficient"]
+
+#: Added to the norm in the denominator of every clip coefficient.
+DEFAULT_EPS = 1e-6
+
+
+def clip_coefficient(threshold: Tensor, total_norm: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    """``min(1, threshold / (total_norm + eps))`` as a 0-dim tensor (no host sync)."""
+    return (threshold / (total_norm + eps)).clamp(max=1.0)
+
+
+def skip_aware_coefficient(coef: Tensor, finite: Tensor) -> Tensor:
+    """``coef`` where the norm is finite, else 1 (a skipped step leaves gradients alone)."""
+    return torch.where(finite, coef, torch.ones_like(coef))
+
+
+def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = None) -> None:
+    """Multiply every tensor in place by the 0-dim tensor ``coef``.
+
+    Tensors are grouped by (device, dtype); each group gets one ``torch._foreach_mul_``
+    where the device supports it (``foreach=False`` forces a per-tensor ``mul_``).
+    ``coef`` is moved to each device once. No host synchronisation.
+    """
+    for device, group in group_by_device_and_dtype(tensors):
+        coef_on_device = coef.to(device)
+        if use_foreach(device, foreach):
+            torch._foreach_mul_(group, coef_on_device)
+        else:
+            for t in group:
+                t.mul_(coef_on_device)

@@ -1,0 +1,196 @@
+"""What ties a clipper to one optimizer instance, shared by the subclass and the hooks.
+
+* parameter tracking: the clipper follows the optimizer's param groups (a group
+  added with ``add_param_group`` is picked up before the next step);
+* the clip before the update, recorded as ``optimizer.last_clip``;
+* skipping a step whose global norm is NaN/inf: torch's fused optimizers take a
+  ``found_inf`` tensor and skip on the device (no host sync); any other optimizer
+  needs one host read of the decision per step, as ``torch.amp.GradScaler`` does;
+* the clipper's state inside the optimizer's ``state_dict`` under
+  ``param_groups[0]["distclip"]`` (entries of a param group survive
+  ``torch.distributed.checkpoint``'s ``get_state_dict``/``set_state_dict``; top-level
+  keys and per-parameter string keys do not).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from distclip.clippers import Clipper, ClipStats
+
+__all__ = ["STATE_KEY", "OptimizerBinding", "SkipToken", "evaluate_closure", "uses_fused_step"]
+
+logger = logging.getLogger(__name__)
+
+#: Key of the clipper's state in ``state_dict()["param_groups"][0]``.
+STATE_KEY = "distclip"
+
+_DCP_STATE_DICT_MODULE = "torch.distributed.checkpoint.state_dict"
+
+
+def evaluate_closure(closure: Any) -> Any:
+    """Call ``closure`` with gradients enabled (as torch optimizers do) and return the loss."""
+    with torch.enable_grad():
+        return closure()
+
+
+def uses_fused_step(optimizer: Optimizer) -> bool:
+    """True for torch's fused optimizers, which read ``found_inf`` and skip on the device."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        bool(group.get("fused")) for group in optimizer.param_groups
+    )
+
+
+def _in_dcp_state_init() -> bool:
+    """True inside ``torch.distributed.checkpoint``'s optimizer-state initialisation.
+
+    DCP initialises a fresh optimizer's state by calling ``step()`` with zero
+    gradients and a zero learning rate. That call is not a training step: it must
+    not put a norm of 0 into the window.
+    """
+    module = sys.modules.get(_DCP_STATE_DICT_MODULE)
+    init = getattr(module, "_init_optim_state", None) if module is not None else None
+    code = getattr(init, "__code__", None)
+    if code is None:
+        return False
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+@dataclass
+class SkipToken:
+    """What :meth:`OptimizerBinding.arm_skip` changed, so that it can be undone."""
+
+    run_base: bool = True
+    set_found_inf: bool = False
+    had_found_inf: bool = False
+    previous_found_inf: Any = None
+    hidden_grads: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+
+class OptimizerBinding:
+    """A clipper bound to an optimizer: the per-step glue, without any math."""
+
+    def __init__(self, clipper: Clipper, optimizer: Optimizer) -> None:
+        self.clipper = clipper
+        self.signature = self._signature(optimizer)
+        self._pending_load: dict[str, Any] | None = None
+        self._armed: SkipToken | None = None
+
+    @staticmethod
+    def _signature(optimizer: Optimizer) -> tuple[int, ...]:
+        return tuple(len(group["params"]) for group in optimizer.param_groups)
+
+    def refresh_params(self, optimizer: Optimizer) -> None:
+        """Follow the optimizer's param groups (cheap check; replan only on a change)."""
+        signature = self._signature(optimizer)
+        if signature != self.signature:
+            self.clipper.set_params(optimizer.param_groups)
+            self.signature = signature
+
+    def before_step(self, optimizer: Optimizer) -> ClipStats | None:
+        """Clip before the update and record ``optimizer.last_clip``.
+
+        Returns ``None`` (and clips nothing) for the state-initialisation step of
+        ``torch.distributed.checkpoint``.
+        """
+        if _in_dcp_state_init():
+            return None
+        self.refresh_params(optimizer)
+        stats = self.clipper.clip_()
+        optimizer.last_clip = stats  # type: ignore[attr-defined]
+        return stats
+
+    def arm_skip(self, optimizer: Optimizer, stats: ClipStats, *, can_bypass: bool) -> SkipToken:
+        """Prepare the optimizer so that a NaN/inf step changes nothing.
+
+        Fused torch optimizers get ``optimizer.found_inf`` (combined with one a
+        ``GradScaler`` may have set) and skip on the device: no host sync. Otherwise
+        the decision is read on the host once; on a skipped step the caller does not
+        run the update (``can_bypass``) or, where it cannot avoid calling it (a step
+        pre-hook), every gradient is hidden (set to ``None``) so the optimizer
+        updates nothing, and put back by :meth:`disarm_skip`.
+        """
+        token = SkipToken()
+        if uses_fused_step(optimizer):
+            token.set_found_inf = True
+            token.had_found_inf = "found_inf" in optimizer.__dict__
+            previous = optimizer.__dict__.get("found_inf")
+            token.previous_found_inf = previous
+            flag = stats.skipped.to(torch.float32)
+            if isinstance(previous, Tensor):
+                flag = torch.maximum(flag.to(previous.device), previous.to(torch.float32))
+            optimizer.found_inf = flag  # type: ignore[attr-defined]
+            return token
+        if self.clipper.config.nonfinite == "error" or not bool(stats.skipped):
+            return token
+        if can_bypass:
+            token.run_base = False
+            return token
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    token.hidden_grads.append((param, param.grad))
+                    param.grad = None
+        return token
+
+    def disarm_skip(self, optimizer: Optimizer, token: SkipToken) -> None:
+        """Undo :meth:`arm_skip`: restore ``found_inf`` and the hidden gradients."""
+        if token.set_found_inf:
+            if token.had_found_inf:
+                optimizer.found_inf = token.previous_found_inf  # type: ignore[attr-defined]
+            else:
+                optimizer.__dict__.pop("found_inf", None)
+        for param, grad in token.hidden_grads:
+            param.grad = grad
+        token.hidden_grads.clear()
+
+    # ------------------------------------------------------------ checkpoints
+    def add_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Put the clipper's state into a fresh ``optimizer.state_dict()`` result."""
+        groups = state_dict.get("param_groups")
+        if groups:
+            groups[0] = {**groups[0], STATE_KEY: self.clipper.state_dict()}
+        return state_dict
+
+    def take_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Validate and remove the clipper's entry from a state_dict about to be loaded.
+
+        Returns the state_dict without the entry (the caller's dict is not modified);
+        the entry waits for :meth:`apply_taken_state`. Raises before anything is
+        loaded if the entry does not fit this clipper.
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not (isinstance(groups, list) and groups and isinstance(groups[0], dict)):
+            return state_dict  # malformed: let the optimizer's own load report it
+        entry = groups[0].get(STATE_KEY)
+        if entry is None:
+            logger.warning(
+                "distclip: the optimizer state_dict being loaded has no clipper state "
+                "(saved without distclip?); the clipper keeps its current state"
+            )
+            self._pending_load = None
+            return state_dict
+        self.clipper.validate_state_dict(entry)
+        first = {k: v for k, v in groups[0].items() if k != STATE_KEY}
+        self._pending_load = entry
+        return {**state_dict, "param_groups": [first, *groups[1:]]}
+
+    def apply_taken_state(self) -> None:
+        """Load the entry taken by :meth:`take_state` (after the optimizer loaded)."""
+        if self._pending_load is not None:
+            self.clipper.load_state_dict(self._pending_load)
+            self._pending_load = None

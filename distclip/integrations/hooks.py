@@ -1,0 +1,134 @@
+"""Clipping attached to an optimizer instance that already exists (built by other code).
+
+``handle = distclip.attach(optimizer, method="autoclip", q=0.1)`` registers step and
+state_dict hooks on the instance; ``handle.remove()`` takes them all off again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from distclip.clippers import Clipper, make_clipper
+from distclip.integrations.binding import OptimizerBinding, evaluate_closure
+
+__all__ = ["ClipHandle", "attach"]
+
+
+class ClipHandle:
+    """Returned by :func:`attach`: the attached ``clipper`` and :meth:`remove`."""
+
+    def __init__(
+        self, optimizer: Optimizer, binding: OptimizerBinding, hooks: list[RemovableHandle]
+    ) -> None:
+        self.optimizer = optimizer
+        self.binding = binding
+        self._hooks = hooks
+
+    @property
+    def clipper(self) -> Clipper:
+        """The attached clipper (options, state, ``check_consistency``)."""
+        return self.binding.clipper
+
+    def remove(self) -> None:
+        """Detach: remove every hook; the optimizer steps unclipped from now on."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if self.optimizer.__dict__.get("_distclip") is self.binding:
+            del self.optimizer.__dict__["_distclip"]
+
+    def __enter__(self) -> ClipHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _replace_closure(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Evaluate a closure passed to ``step`` now, and pass on one that returns its loss.
+
+    Step pre-hooks run before ``step`` evaluates its closure; the clip must see the
+    gradients the closure computes, so the closure runs here, once.
+    """
+    if "closure" in kwargs and kwargs["closure"] is not None:
+        loss = evaluate_closure(kwargs["closure"])
+        return args, {**kwargs, "closure": lambda: loss}
+    if args and args[0] is not None:
+        loss = evaluate_closure(args[0])
+        return (lambda: loss, *args[1:]), kwargs
+    return None
+
+
+def attach(optimizer: Optimizer, method: str = "autoclip", **options: Any) -> ClipHandle:
+    """Clip ``optimizer``'s gradients with ``method`` before every ``optimizer.step()``.
+
+    The clipper follows the optimizer's param groups, records ``optimizer.last_clip``,
+    skips NaN/inf steps (fused optimizers on the device; others by hiding the
+    gradients from the update after one host read), and saves its state in
+    ``optimizer.state_dict()`` under ``param_groups[0]["distclip"]``.
+    Hooks are not pickled with an optimizer (torch's rule): attach again after
+    unpickling, or use :func:`distclip.ClippedOptimizer`.
+
+    Args:
+        optimizer: an existing ``torch.optim.Optimizer``.
+        method: a method name, as in :func:`distclip.ClippedOptimizer`.
+        **options: the method's options.
+
+    Returns:
+        A :class:`ClipHandle`; ``handle.remove()`` detaches.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer; an unknown option.
+        ValueError: a clipper is already attached; an unknown method or bad option.
+    """
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if getattr(optimizer, "_distclip", None) is not None:
+        raise ValueError(
+            "this optimizer already clips its gradients with distclip; remove the first "
+            "clipper (handle.remove()) before attaching another"
+        )
+    clipper = make_clipper(method, optimizer.param_groups, **options)
+    binding = OptimizerBinding(clipper, optimizer)
+
+    def pre_step(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if binding._armed is not None:  # the last step raised before the post-hook
+            binding.disarm_skip(opt, binding._armed)
+            binding._armed = None
+        replaced = _replace_closure(args, kwargs)
+        stats = binding.before_step(opt)
+        if stats is not None:
+            binding._armed = binding.arm_skip(opt, stats, can_bypass=False)
+        return replaced
+
+    def post_step(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if binding._armed is not None:
+            binding.disarm_skip(opt, binding._armed)
+            binding._armed = None
+
+    def add_state(opt: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return binding.add_state(state_dict)
+
+    def take_state(opt: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return binding.take_state(state_dict)
+
+    def apply_state(opt: Optimizer) -> None:
+        binding.apply_taken_state()
+
+    hooks = [
+        optimizer.register_step_pre_hook(pre_step),
+        optimizer.register_step_post_hook(post_step),
+        optimizer.register_state_dict_post_hook(add_state),
+        optimizer.register_load_state_dict_pre_hook(take_state),
+        optimizer.register_load_state_dict_post_hook(apply_state),
+    ]
+    optimizer._distclip = binding  # type: ignore[attr-defined]
+    optimizer.last_clip = None  # type: ignore[attr-defined]
+    return ClipHandle(optimizer, binding, hooks)

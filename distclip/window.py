@@ -1,0 +1,113 @@
+"""A fixed-size ring buffer of past global norms, held on the gradients' device.
+
+The window changes only through :meth:`NormWindow.push_`, which takes a globally
+reduced norm and a globally decided ``accept`` flag, so it is identical on every rank
+by construction. Nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distclip.functional import prefix_quantile
+
+__all__ = ["NormWindow"]
+
+
+class NormWindow:
+    """The last ``size`` accepted norms, oldest overwritten first.
+
+    State: ``values`` (``size`` entries; the first ``min(num_seen, size)`` are valid)
+    and ``num_seen`` (0-dim int64: norms accepted so far). The next norm goes to
+    position ``num_seen % size``. Both live on ``device``; ``values`` has ``dtype``
+    (the dtype of the norms: float32, or float64 where norms are float64).
+    """
+
+    def __init__(
+        self, size: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.size = size
+        self.values = torch.zeros(size, dtype=dtype, device=device)
+        self.num_seen = torch.zeros((), dtype=torch.long, device=device)
+
+    def push_(self, norm: Tensor, accept: Tensor) -> None:
+        """Append the 0-dim ``norm`` where the 0-dim bool ``accept`` is true.
+
+        A rejected norm leaves the window exactly as it was (same values, same
+        count). No host synchronisation: the position is a device tensor.
+        """
+        values, num_seen = self.values, self.num_seen
+        position = torch.remainder(num_seen, self.size).reshape(1)
+        current = values.gather(0, position)
+        incoming = torch.where(accept, norm.to(values.device, values.dtype).reshape(1), current)
+        values.scatter_(0, position, incoming)
+        num_seen.add_(accept.to(num_seen.device, torch.long))
+
+    def num_valid(self) -> Tensor:
+        """``min(num_seen, size)`` as a 0-dim tensor."""
+        return self.num_seen.clamp(max=self.size)
+
+    def quantile(self, q: float) -> Tensor:
+        """q-quantile (linear interpolation) of the valid entries; ``+inf`` if none."""
+        return prefix_quantile(self.values, self.num_valid(), q)
+
+    def chronological(self) -> Tensor:
+        """The valid entries, oldest first (synchronises: for tests and logging)."""
+        num_seen = int(self.num_seen)
+        if num_seen <= self.size:
+            return self.values[:num_seen].clone()
+        return torch.roll(self.values, -(num_seen % self.size)).clone()
+
+    def reset(self) -> None:
+        """Forget every norm (the tensors stay allocated on their device)."""
+        self.values.zero_()
+        self.num_seen.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"size": int, "values": Tensor, "num_seen": Tensor}`` (live tensors)."""
+        return {"size": self.size, "values": self.values, "num_seen": self.num_seen}
+
+    def validate_state_dict(self, state: Any) -> None:
+        """Raise ``TypeError``/``ValueError`` if ``state`` cannot be loaded into this window."""
+        if not isinstance(state, dict):
+            raise TypeError(f"a window state must be a dict, got {type(state).__name__}")
+        size = state.get("size")
+        if size != self.size:
+            raise ValueError(
+                f"the saved window holds {size!r} norms but this clipper's window is "
+                f"{self.size}; build the clipper with window={size!r} to resume from it"
+            )
+        values, num_seen = state.get("values"), state.get("num_seen")
+        if (
+            not isinstance(values, Tensor)
+            or values.shape != (self.size,)
+            or not values.is_floating_point()
+        ):
+            raise ValueError(
+                f"window 'values' must be a floating-point tensor of shape ({self.size},), "
+                f"got {values!r:.80}"
+            )
+        if (
+            not isinstance(num_seen, Tensor)
+            or num_seen.shape != ()
+            or num_seen.is_floating_point()
+            or int(num_seen) < 0
+        ):
+            raise ValueError(
+                f"window 'num_seen' must be a 0-dim integer tensor >= 0, got {num_seen!r}"
+            )
+        if not bool(torch.isfinite(values[: min(int(num_seen), self.size)]).all()):
+            raise ValueError("window 'values' holds a NaN or inf among its valid entries")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` (validated first; nothing changes on error).
+
+        The tensors are copied onto this window's device; the dtype is the saved one.
+        """
+        self.validate_state_dict(state)
+        device = self.values.device
+        self.values = state["values"].detach().to(device, copy=True)
+        self.num_seen = state["num_seen"].detach().to(device, torch.long, copy=True)
