@@ -16,6 +16,8 @@ __all__ = ["group_by_device_and_dtype", "use_foreach"]
 
 def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:
     """``[(device, tensors on it with one dtype), ...]``, as torch's clipping groups them."""
+    if not tensors:
+        return []
     grouped = _group_tensors_by_device_and_dtype([list(tensors)])  # type: ignore[list-item]
     return [
         (device, [t for t in lists[0] if t is not None])

@@ -53,14 +53,15 @@ def _replace_closure(
     """Evaluate a closure passed to ``step`` now, and pass on one that returns its loss.
 
     Step pre-hooks run before ``step`` evaluates its closure; the clip must see the
-    gradients the closure computes, so the closure runs here, once.
+    gradients the closure computes, so the closure runs here, once. ``args`` are the
+    arguments of ``step`` as the hook sees them: the optimizer first.
     """
-    if "closure" in kwargs and kwargs["closure"] is not None:
+    if kwargs.get("closure") is not None:
         loss = evaluate_closure(kwargs["closure"])
         return args, {**kwargs, "closure": lambda: loss}
-    if args and args[0] is not None:
-        loss = evaluate_closure(args[0])
-        return (lambda: loss, *args[1:]), kwargs
+    if len(args) > 1 and args[1] is not None:
+        loss = evaluate_closure(args[1])
+        return (args[0], lambda: loss, *args[2:]), kwargs
     return None
 
 

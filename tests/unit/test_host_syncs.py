@@ -1,0 +1,92 @@
+"""Host-device synchronisations per step, counted as ``aten._local_scalar_dense`` calls.
+
+``.item()``, ``float(t)``, ``bool(t)`` and Python branches on a tensor all go through
+that op; on a GPU each one stalls the host until the device catches up.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import distclip
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model_and_grads(nan: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    if nan:
+        next(model.parameters()).grad[0, 0] = math.nan
+    return model
+
+
+def _syncs(fn: Any) -> int:
+    with SyncCounter() as counter:
+        fn()
+    return counter.count
+
+
+@pytest.mark.parametrize(
+    "method", [{"method": "autoclip", "q": 0.1, "window": 50}, {"method": "norm", "max_norm": 0.5}]
+)
+@pytest.mark.parametrize("nan", [False, True])
+def test_clip_has_no_sync(method: dict[str, Any], nan: bool) -> None:
+    model = _model_and_grads(nan)
+    clipper = distclip.make_clipper(params=model.parameters(), **method)
+    for _ in range(3):
+        assert _syncs(clipper.clip_) == 0
+
+
+@pytest.mark.parametrize(
+    ("opt_cls", "kwargs"),
+    [
+        (torch.optim.AdamW, {"lr": 1e-3, "fused": True}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "fused": True}),
+        (torch.optim.Adam, {"lr": 1e-3, "fused": True}),
+    ],
+)
+@pytest.mark.parametrize("nan", [False, True])
+def test_fused_optimizer_step_with_skip_has_no_sync(
+    opt_cls: type[torch.optim.Optimizer], kwargs: dict[str, Any], nan: bool
+) -> None:
+    model = _model_and_grads()
+    opt = distclip.AutoClippedOptimizer(opt_cls, q=0.5, window=10)(model.parameters(), **kwargs)
+    opt.step()  # lazily created optimizer state outside the count
+    before = [p.detach().clone() for p in model.parameters()]
+    if nan:
+        next(model.parameters()).grad[0, 0] = math.nan
+    assert _syncs(opt.step) == 0
+    assert bool(opt.last_clip.skipped) is nan
+    changed = any(
+        not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before, strict=True)
+    )
+    assert changed is not nan
+
+
+def test_non_fused_optimizer_pays_exactly_one_sync_for_the_skip_decision() -> None:
+    model = _model_and_grads()
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    plain.step()
+    baseline = _syncs(plain.step)
+    opt = distclip.AutoClippedOptimizer(torch.optim.SGD, q=0.5, window=10)(
+        model.parameters(), lr=0.1, momentum=0.9
+    )
+    opt.step()
+    assert _syncs(opt.step) == baseline + 1
