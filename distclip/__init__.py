@@ -9,7 +9,9 @@ Entry points:
   clipping built in (a real subclass of the base class);
 * :func:`attach`: clipping hooked onto an optimizer instance that already exists;
 * :class:`AutoClip`, :class:`NormClip`, :func:`make_clipper`: a standalone clipper
-  to call between ``backward()`` and ``step()``.
+  to call between ``backward()`` and ``step()``;
+* :func:`get_total_norm`, :func:`clip_grad_norm_`: layout-correct drop-ins for
+  torch's functions of the same names.
 """
 
 from distclip._version import __version__
@@ -31,6 +33,7 @@ from distclip.integrations import (
     ClippedOptimizer,
     attach,
 )
+from distclip.reduction import ReductionPlan, clip_grad_norm_, get_total_norm, mark_shared
 
 __all__ = [
     "AutoClip",
@@ -45,8 +48,12 @@ __all__ = [
     "NormClip",
     "NormClipConfig",
     "RankDesyncError",
+    "ReductionPlan",
     "__version__",
     "attach",
     "available_methods",
+    "clip_grad_norm_",
+    "get_total_norm",
     "make_clipper",
+    "mark_shared",
 ]

@@ -88,6 +88,10 @@ class Clipper:
 
     Args:
         params: the tensors whose gradients are clipped (or param-group dicts).
+        model: the FSDP1 root module when FSDP1 manages the parameters (its flat
+            parameters do not say which process group they are sharded over).
+        pipeline_groups: process group(s) across which pipeline stages' norms are
+            summed (each holding one rank per stage); ``None`` without pipelining.
         **options: the method's options; see its configuration class.
     """
 
@@ -99,22 +103,43 @@ class Clipper:
 
     config: ClipConfig
 
-    def __init__(self, params: ParamsLike, **options: Any) -> None:
-        self._setup(params, self.config_cls.from_options(self.method, options))
+    def __init__(
+        self,
+        params: ParamsLike,
+        *,
+        model: torch.nn.Module | None = None,
+        pipeline_groups: Any = None,
+        **options: Any,
+    ) -> None:
+        config = self.config_cls.from_options(self.method, options)
+        self._setup(params, config, model=model, pipeline_groups=pipeline_groups)
 
     @classmethod
-    def from_config(cls, params: ParamsLike, config: ClipConfig) -> Clipper:
+    def from_config(
+        cls,
+        params: ParamsLike,
+        config: ClipConfig,
+        *,
+        model: torch.nn.Module | None = None,
+        pipeline_groups: Any = None,
+    ) -> Clipper:
         """Build from an already validated configuration of this method."""
         if not isinstance(config, cls.config_cls):
             raise TypeError(
                 f"{cls.__name__} needs a {cls.config_cls.__name__}, got {type(config).__name__}"
             )
         clipper = cls.__new__(cls)
-        clipper._setup(params, config)
+        clipper._setup(params, config, model=model, pipeline_groups=pipeline_groups)
         return clipper
 
-    def _setup(self, params: ParamsLike, config: ClipConfig) -> None:
+    def _setup(
+        self, params: ParamsLike, config: ClipConfig, *, model: Any, pipeline_groups: Any
+    ) -> None:
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = config
+        self.model = model
+        self.pipeline_groups = pipeline_groups
         self.params = as_param_list(params)
         self._plan: ReductionPlan | None = None
         self.num_steps = 0
@@ -133,7 +158,9 @@ class Clipper:
     def plan(self) -> ReductionPlan:
         """The reduction plan, built on first use after construction or :meth:`set_params`."""
         if self._plan is None:
-            self._plan = ReductionPlan.build(self.params)
+            self._plan = ReductionPlan.build(
+                self.params, model=self.model, pipeline_groups=self.pipeline_groups
+            )
         return self._plan
 
     # -------------------------------------------------------------------- step
@@ -308,7 +335,10 @@ class Clipper:
     # ----------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_plan"] = None  # derived; may hold process groups, which do not pickle
+        # Derived or process-bound: process groups and FSDP modules do not pickle.
+        state["_plan"] = None
+        state["model"] = None
+        state["pipeline_groups"] = None
         return state
 
     def __repr__(self) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from distclip.clippers.autoclip import AutoClip
 from distclip.clippers.base import Clipper, ParamsLike
 from distclip.clippers.norm import NormClip
@@ -32,11 +34,21 @@ def resolve_method(method: str) -> type[Clipper]:
     return METHODS[method]
 
 
-def make_clipper(method: str, params: ParamsLike, **options: Any) -> Clipper:
+def make_clipper(
+    method: str,
+    params: ParamsLike,
+    *,
+    model: torch.nn.Module | None = None,
+    pipeline_groups: Any = None,
+    **options: Any,
+) -> Clipper:
     """Build the clipper of ``method`` over ``params`` with ``options``.
+
+    ``model`` (the FSDP1 root) and ``pipeline_groups`` describe the layout; see
+    :class:`~distclip.Clipper`.
 
     Raises:
         ValueError: unknown method or an option out of range.
         TypeError: an unknown option or a value of the wrong type.
     """
-    return resolve_method(method)(params, **options)
+    return resolve_method(method)(params, model=model, pipeline_groups=pipeline_groups, **options)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
@@ -65,7 +66,14 @@ def _replace_closure(
     return None
 
 
-def attach(optimizer: Optimizer, method: str = "autoclip", **options: Any) -> ClipHandle:
+def attach(
+    optimizer: Optimizer,
+    method: str = "autoclip",
+    *,
+    model: torch.nn.Module | None = None,
+    pipeline_groups: Any = None,
+    **options: Any,
+) -> ClipHandle:
     """Clip ``optimizer``'s gradients with ``method`` before every ``optimizer.step()``.
 
     The clipper follows the optimizer's param groups, records ``optimizer.last_clip``,
@@ -78,6 +86,8 @@ def attach(optimizer: Optimizer, method: str = "autoclip", **options: Any) -> Cl
     Args:
         optimizer: an existing ``torch.optim.Optimizer``.
         method: a method name, as in :func:`distclip.ClippedOptimizer`.
+        model: the FSDP1 root module when FSDP1 manages the parameters.
+        pipeline_groups: process group(s) summing the pipeline stages' norms.
         **options: the method's options.
 
     Returns:
@@ -96,7 +106,9 @@ def attach(optimizer: Optimizer, method: str = "autoclip", **options: Any) -> Cl
             "this optimizer already clips its gradients with distclip; remove the first "
             "clipper (handle.remove()) before attaching another"
         )
-    clipper = make_clipper(method, optimizer.param_groups, **options)
+    clipper = make_clipper(
+        method, optimizer.param_groups, model=model, pipeline_groups=pipeline_groups, **options
+    )
     binding = OptimizerBinding(clipper, optimizer)
 
     def pre_step(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -51,9 +52,24 @@ class ClippedOptimizerMixin:
     last_clip: ClipStats | None
     param_groups: list[dict[str, Any]]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        model: torch.nn.Module | None = None,
+        pipeline_groups: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Take the base optimizer's arguments, plus the layout keywords.
+
+        Args:
+            *args, **kwargs: what the base optimizer class takes.
+            model: the FSDP1 root module when FSDP1 manages the parameters.
+            pipeline_groups: process group(s) summing the pipeline stages' norms.
+        """
         super().__init__(*args, **kwargs)
-        clipper = self._distclip_clipper_cls.from_config(self.param_groups, self._distclip_config)
+        clipper = self._distclip_clipper_cls.from_config(
+            self.param_groups, self._distclip_config, model=model, pipeline_groups=pipeline_groups
+        )
         self._distclip = OptimizerBinding(clipper, self)  # type: ignore[arg-type]
         self.last_clip = None
 

@@ -1,23 +1,19 @@
 """The reduction plan: which gradient lives where, decided once per clipper.
 
-A plan groups the parameters by how their gradients are laid out across processes:
-
-* ``REPLICATED``: every rank holds the whole gradient and the same values (a single
-  process, or DDP, which has already averaged the gradients). Its power sum is taken
-  locally and never reduced again.
-
-Each step the plan computes one local power sum per group, issues at most one
-all-reduce per distinct process group (SUM, or MAX for the inf-norm), adds the
-replicated contributions once, and takes the root once. Sharded layouts (FSDP1 flat
-shards, FSDP2/TP DTensors, pipeline stages) slot in as further groups that carry the
-process group their power sums are reduced over.
+A plan groups the parameters by layout (see :mod:`distclip.reduction.layouts`): a
+replicated group, reduced by nobody, and one group per distinct process group that
+sharded gradients are reduced over. Each step it computes one local power sum per
+group (foreach kernels, fp32 accumulation), issues exactly one all-reduce per distinct
+process group (SUM, or MAX for the inf-norm), adds the replicated contribution once,
+all-reduces the result over the pipeline groups if any, and takes the root once.
+Every rank joins every collective whether or not it holds gradients this step.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,61 +26,42 @@ from distclip.functional import (
     powsum_to_norm,
 )
 from distclip.reduction.collectives import all_reduce_powsum
+from distclip.reduction.layouts import (
+    as_group_list,
+    classify,
+    fsdp1_groups,
+    is_dtensor,
+    is_fsdp1_param,
+)
 
-__all__ = ["GradGroup", "Layout", "ReductionPlan"]
+__all__ = ["GradGroup", "ReductionPlan"]
 
 
-class Layout(enum.Enum):
-    """How one group of gradients is spread over the processes."""
-
-    REPLICATED = "replicated"
+def _local(grad: Tensor) -> Tensor:
+    return grad._local_tensor if is_dtensor(grad) else grad  # type: ignore[attr-defined, no-any-return]
 
 
 @dataclass(frozen=True)
 class GradGroup:
-    """Parameters sharing one layout, and the group their power sums are reduced over.
+    """Parameters whose power sums are reduced over one process group.
 
-    ``process_group`` is ``None`` when nothing needs reducing (replicated gradients).
+    ``process_group`` is ``None`` for the replicated group (nothing to reduce).
+    ``params`` are all of them (every one is scaled); ``counted`` those whose local
+    part counts in the norm on this rank.
     """
 
-    layout: Layout
+    kind: str
     params: tuple[Tensor, ...]
-    process_group: dist.ProcessGroup | None = None
+    counted: tuple[Tensor, ...]
+    process_group: Any = None
 
     def grads(self) -> list[Tensor]:
-        """The gradients of this group's parameters that exist this step."""
-        return [p.grad for p in self.params if p.grad is not None]
+        """The local gradient tensors of this group that exist this step."""
+        return [_local(p.grad) for p in self.params if p.grad is not None]
 
-
-def _is_dtensor(param: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(param, DTensor)
-
-
-def _is_fsdp1_param(param: Tensor) -> bool:
-    return bool(getattr(param, "_is_flat_param", False) or getattr(param, "_fsdp_flattened", False))
-
-
-def _classify(param: Tensor) -> Layout:
-    """The layout of one parameter's gradient; refuses layouts not supported yet."""
-    if _is_dtensor(param):
-        raise NotImplementedError(
-            "distclip: a parameter is a DTensor (FSDP2 fully_shard or tensor parallel); "
-            "the reduction plan of this version supports a single process and DDP "
-            "(replicated gradients) only. Computing a shard-local norm would be wrong, "
-            "so distclip refuses rather than clip by it."
-        )
-    if _is_fsdp1_param(param):
-        raise NotImplementedError(
-            "distclip: a parameter is managed by FSDP1 (FullyShardedDataParallel); the "
-            "reduction plan of this version supports a single process and DDP "
-            "(replicated gradients) only. Computing a shard-local norm would be wrong, "
-            "so distclip refuses rather than clip by it."
-        )
-    return Layout.REPLICATED
+    def counted_grads(self) -> list[Tensor]:
+        """The local gradients that count in the norm on this rank."""
+        return [_local(p.grad) for p in self.counted if p.grad is not None]
 
 
 class ReductionPlan:
@@ -96,28 +73,62 @@ class ReductionPlan:
     """
 
     def __init__(
-        self, groups: Sequence[GradGroup], device: torch.device, dtype: torch.dtype
+        self,
+        groups: Sequence[GradGroup],
+        device: torch.device,
+        dtype: torch.dtype,
+        pipeline_groups: Sequence[Any] = (),
     ) -> None:
         self.groups = tuple(groups)
         self.device = device
         self.dtype = dtype
+        self.pipeline_groups = tuple(pipeline_groups)
 
     @classmethod
-    def build(cls, params: Iterable[Tensor]) -> ReductionPlan:
-        """Classify every parameter by layout and group them (done once, not per step)."""
+    def build(
+        cls,
+        params: Iterable[Tensor],
+        *,
+        model: torch.nn.Module | None = None,
+        pipeline_groups: Any = None,
+    ) -> ReductionPlan:
+        """Classify every parameter by layout and group them (once, not per step).
+
+        Args:
+            params: the parameters whose gradients are clipped.
+            model: the FSDP1 root module, needed when FSDP1 manages the parameters.
+            pipeline_groups: process group(s) across which the stages' norms are
+                summed (one rank per stage), for pipeline parallelism.
+        """
         params = list(params)
-        by_layout: dict[Layout, list[Tensor]] = {}
+        pipeline = as_group_list(pipeline_groups)
+        fsdp1 = (
+            fsdp1_groups(model) if model is not None and any(map(is_fsdp1_param, params)) else None
+        )
+        by_group: dict[tuple[str, int], tuple[str, Any, list[Tensor], list[Tensor]]] = {}
         for param in params:
-            by_layout.setdefault(_classify(param), []).append(param)
-        groups = [GradGroup(layout, tuple(ps)) for layout, ps in by_layout.items()]
+            placement = classify(param, fsdp1=fsdp1, fold_into_root=not pipeline)
+            key = (
+                placement.kind if placement.process_group is None else "sharded",
+                id(placement.process_group),
+            )
+            entry = by_group.setdefault(key, (placement.kind, placement.process_group, [], []))
+            entry[2].append(param)
+            if placement.counted:
+                entry[3].append(param)
+        groups = [
+            GradGroup(kind, tuple(ps), tuple(cs), pg) for kind, pg, ps, cs in by_group.values()
+        ]
         device = params[0].device if params else torch.device("cpu")
+        if device.type == "meta":
+            raise ValueError("distclip: parameters on the meta device have no gradients to clip")
         dtype = accumulation_dtype([p.dtype for p in params])
-        return cls(groups, device, dtype)
+        return cls(groups, device, dtype, pipeline)
 
     @property
     def num_collectives(self) -> int:
-        """All-reduces per step: one per distinct process group."""
-        return len({id(g.process_group) for g in self.groups if g.process_group is not None})
+        """All-reduces per step: one per distinct process group, plus one per pipeline group."""
+        return sum(g.process_group is not None for g in self.groups) + len(self.pipeline_groups)
 
     def grads(self) -> list[Tensor]:
         """Every local gradient tensor that exists this step (what scaling touches)."""
@@ -127,24 +138,39 @@ class ReductionPlan:
         """The global ``norm_type``-norm of all gradients (0-dim, no host sync).
 
         One local power sum per group, one all-reduce per distinct process group,
-        replicated groups added once, one root.
+        the replicated group added once, pipeline groups summed, one root.
         """
         powsums: list[Tensor] = []
-        pending: dict[int, tuple[dist.ProcessGroup, list[Tensor]]] = {}
         for group in self.groups:
             local = local_powsum(
-                group.grads(), norm_type, device=self.device, dtype=self.dtype, foreach=foreach
+                group.counted_grads(),
+                norm_type,
+                device=self.device,
+                dtype=self.dtype,
+                foreach=foreach,
             )
-            if group.process_group is None:
-                powsums.append(local)
-            else:
-                pending.setdefault(id(group.process_group), (group.process_group, []))[1].append(
-                    local
-                )
-        for process_group, locals_ in pending.values():
-            powsums.append(
-                all_reduce_powsum(combine_powsums(locals_, norm_type), norm_type, process_group)
-            )
+            if group.process_group is not None:
+                local = all_reduce_powsum(local, norm_type, group.process_group)
+            powsums.append(local)
         if not powsums:
-            return torch.zeros((), device=self.device, dtype=self.dtype)
-        return powsum_to_norm(combine_powsums(powsums, norm_type), norm_type)
+            total = torch.zeros((), device=self.device, dtype=self.dtype)
+        else:
+            total = combine_powsums(powsums, norm_type)
+        for pipeline_group in self.pipeline_groups:
+            total = all_reduce_powsum(total, norm_type, pipeline_group)
+        return powsum_to_norm(total, norm_type)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One row per group: kind, number of parameters, counted here, reduced or not."""
+        return [
+            {
+                "kind": g.kind,
+                "num_params": len(g.params),
+                "num_counted": len(g.counted),
+                "reduced": g.process_group is not None,
+                "group_size": dist.get_world_size(g.process_group)
+                if g.process_group is not None
+                else 1,
+            }
+            for g in self.groups
+        ]
