@@ -201,9 +201,15 @@ class Clipper:
             (finite & (total_norm > threshold)).to(self.num_clipped.device, torch.long)
         )
         self.num_steps += 1
-        if self.config.check_every and self.num_steps % self.config.check_every == 0:
+        if self._check_due():
             self.check_consistency()
         return ClipStats(total_norm, threshold, coef, skipped, self.num_steps)
+
+    def _check_due(self) -> bool:
+        every = self.config.check_every
+        if every and self.num_steps % every == 0:
+            return True
+        return self.num_steps == 1 and self.config.check_first_step and is_distributed()
 
     def _threshold(self, total_norm: Tensor, finite: Tensor) -> Tensor:
         """This step's threshold (0-dim, ``total_norm``'s device); may update state."""
@@ -328,8 +334,10 @@ class Clipper:
         if bad:
             raise RankDesyncError(
                 f"distclip {self.method}: the clipper state on rank(s) {bad} differs from "
-                f"rank 0's at step {self.num_steps}; every rank must see the same global "
-                "norms (are some gradients neither replicated nor covered by the reduction?)"
+                f"rank 0's at step {self.num_steps}. Every rank must compute the same global "
+                "norm: are some gradients neither replicated (DDP) nor in a layout distclip "
+                "reduces (FSDP1 with model=, FSDP2/DTensor, pipeline stages with "
+                "pipeline_groups=)?"
             )
 
     # ----------------------------------------------------------------- pickling

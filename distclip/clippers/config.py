@@ -95,6 +95,12 @@ class ClipConfig:
         check_every: debug: every this many steps, compare the clipper's state
             across ranks and raise :class:`distclip.RankDesyncError` on a mismatch
             (0, the default, never checks; a check is a collective and a sync).
+        check_first_step: after the first step of a multi-process job, compare the
+            state across ranks once (default ``True``): gradients in a layout
+            distclip does not see (a model that is neither replicated by DDP nor
+            sharded by FSDP/DTensor, pipeline stages without ``pipeline_groups``)
+            give each rank a different norm, and this turns that silent error into
+            a :class:`distclip.RankDesyncError`. One all-gather and one sync, once.
     """
 
     norm_type: float = 2.0
@@ -102,6 +108,7 @@ class ClipConfig:
     eps: float = DEFAULT_EPS
     foreach: bool | None = None
     check_every: int = 0
+    check_first_step: bool = True
 
     def __post_init__(self) -> None:
         self._set("norm_type", validate_norm_type(self.norm_type))
@@ -111,6 +118,10 @@ class ClipConfig:
         self._set("eps", float(self.eps))
         check_optional_bool("foreach", self.foreach)
         check_int("check_every", self.check_every, minimum=0)
+        if not isinstance(self.check_first_step, bool):
+            raise TypeError(
+                f"check_first_step must be True or False, got {self.check_first_step!r}"
+            )
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

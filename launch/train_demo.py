@@ -1,0 +1,290 @@
+"""distclip demo: AutoClip under distributed data parallel training, on CPU with gloo.
+
+A small MLP learns a fixed random "teacher" network from synthetic data whose targets
+carry heavy-tailed noise (Student-t with 2 degrees of freedom: infinite variance) and,
+now and then, a whole batch of outliers. Such data produce rare, huge gradient norms,
+the case AutoClip is made for: each step's gradients are scaled down to the q-quantile
+of the last ``window`` global gradient norms. One step also gets a NaN target on one
+rank only: the global norm is NaN, and the step is skipped on every rank alike.
+
+Run with torchrun (``launch/demo.sh`` does this)::
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 launch/train_demo.py
+
+Without torchrun the script runs as a single process (world size 1).
+
+A layout is a small function that wraps the model for one kind of parallelism and
+says which data shard this rank trains on; see ``LAYOUTS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import distclip
+
+IN_FEATURES = 16
+HIDDEN = 64
+NOISE_SCALE = 0.3  # scale of the Student-t target noise
+OUTLIER_PROB = 0.02  # chance that a whole batch gets outlier targets
+OUTLIER_SCALE = 30.0  # how far outlier targets are pushed
+QUANTILES = {"min": 0.0, "10%": 0.1, "50%": 0.5, "90%": 0.9, "max": 1.0}
+
+
+# --------------------------------------------------------------------------- setup
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+
+def init_distributed() -> DistEnv:
+    """Join the torchrun job (gloo on CPU), or form a group of one without torchrun."""
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        device=torch.device("cpu"),
+        backend=str(dist.get_backend()),
+    )
+
+
+# ------------------------------------------------------------------------- layouts
+@dataclass(frozen=True)
+class Prepared:
+    """A model wrapped for a layout, and the data shard this rank trains on."""
+
+    model: nn.Module
+    shard: int
+    num_shards: int
+
+
+def layout_ddp(model: nn.Module, env: DistEnv) -> Prepared:
+    """DistributedDataParallel: every rank holds the whole model; gradients are averaged."""
+    return Prepared(DistributedDataParallel(model), shard=env.rank, num_shards=env.world_size)
+
+
+#: Layout name -> function wrapping the model. distclip supports a single process and
+#: DDP today; FSDP1/FSDP2/TP/DeepSpeed layouts are refused by distclip until supported.
+LAYOUTS: dict[str, Callable[[nn.Module, DistEnv], Prepared]] = {
+    "ddp": layout_ddp,
+}
+
+
+# ---------------------------------------------------------------------------- data
+def make_mlp(out_features: int = 1, hidden: int = HIDDEN) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(IN_FEATURES, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, out_features),
+    )
+
+
+class SyntheticRegression:
+    """Targets from a fixed random teacher MLP plus heavy-tailed noise.
+
+    Batch ``step`` is drawn from a generator seeded by ``(seed, step)``; a rank keeps
+    its shard (a contiguous slice) of it, so every rank's data are deterministic and
+    the global batch does not depend on how many ranks share it.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 1)
+            self.teacher = make_mlp(hidden=32).requires_grad_(False)
+
+    def _generator(self, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + stream)
+
+    def batch(
+        self, step: int, batch_size: int, shard: int, num_shards: int
+    ) -> tuple[Tensor, Tensor]:
+        gen = self._generator(step + 1)
+        x = torch.randn(batch_size, IN_FEATURES, generator=gen)
+        z, a, b = torch.randn(3, batch_size, 1, generator=gen)
+        student_t = z / ((a * a + b * b) / 2).sqrt()  # Student-t, 2 degrees of freedom
+        y = self.teacher(x) + NOISE_SCALE * student_t
+        if float(torch.rand((), generator=gen)) < OUTLIER_PROB:  # a batch of outliers
+            y = y + OUTLIER_SCALE * torch.randn(batch_size, 1, generator=gen)
+        size = batch_size // num_shards
+        rows = slice(shard * size, (shard + 1) * size)
+        return x[rows], y[rows]
+
+    def held_out(self, size: int = 2048) -> tuple[Tensor, Tensor]:
+        """A noise-free evaluation set: how well the teacher itself is learnt."""
+        x = torch.randn(size, IN_FEATURES, generator=self._generator(0))
+        return x, self.teacher(x)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: tuple[Tensor, Tensor]) -> float:
+    """Mean squared error on ``data`` (every rank evaluates the same set)."""
+    x, y = data
+    return float(nn.functional.mse_loss(model(x), y))
+
+
+# ---------------------------------------------------------------------------- main
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="ddp")
+    parser.add_argument("--q", type=float, default=0.1, help="AutoClip quantile, in [0, 1]")
+    parser.add_argument("--window", type=int, default=200, help="how many past norms are kept")
+    parser.add_argument("--max-norm", type=float, default=None, help="cap on the threshold")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="training steps")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model and the data")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=64, help="global batch, split over the ranks"
+    )
+    parser.add_argument(
+        "--nan-step",
+        type=int,
+        default=500,
+        help="at this step one rank's batch gets a NaN target, so the step is skipped "
+        "on every rank (-1: never)",
+    )
+    parser.add_argument(
+        "--log-every", type=positive_int, default=10, help="progress bar update interval"
+    )
+    return parser.parse_args(argv)
+
+
+def quantile_row(name: str, values: Tensor) -> str:
+    qs = torch.nanquantile(
+        values.double(), torch.tensor(list(QUANTILES.values()), dtype=torch.float64)
+    )
+    return f"  {name:<16}" + "".join(f"{v:>10.4g}" for v in qs.tolist())
+
+
+def train(args: argparse.Namespace, env: DistEnv) -> None:
+    is_main = env.rank == 0
+    torch.manual_seed(args.seed)
+    prepared = LAYOUTS[args.layout](make_mlp().to(env.device), env)
+    model = prepared.model
+    if args.batch_size % prepared.num_shards:
+        raise ValueError(
+            f"--batch-size {args.batch_size} must be divisible by the number of data "
+            f"shards ({prepared.num_shards})"
+        )
+    optimizer_cls = distclip.AutoClippedOptimizer(
+        torch.optim.SGD, q=args.q, window=args.window, max_norm=args.max_norm
+    )
+    # fused=True: the clip coefficient and the NaN/inf skip stay on the device.
+    optimizer = optimizer_cls(model.parameters(), lr=args.lr, momentum=0.9, fused=True)
+    clipper = optimizer.clipper
+    assert isinstance(clipper, distclip.AutoClip)
+
+    data = SyntheticRegression(args.seed)
+    held_out = data.held_out()
+    initial_loss = evaluate(model, held_out)
+    if is_main:
+        print(
+            f"distclip {distclip.__version__} demo: layout={args.layout}, "
+            f"{env.world_size} rank(s) ({env.backend}, {env.device.type}), "
+            f"AutoClip q={args.q} window={args.window} max_norm={args.max_norm}, "
+            f"SGD lr={args.lr}, global batch {args.batch_size}",
+            flush=True,
+        )
+
+    norms: list[Tensor] = []
+    thresholds: list[Tensor] = []
+    start = time.perf_counter()
+    with tqdm(total=args.steps, disable=not is_main, unit="step", mininterval=0.5) as bar:
+        for step in range(args.steps):
+            x, y = data.batch(step, args.batch_size, prepared.shard, prepared.num_shards)
+            x, y = x.to(env.device), y.to(env.device)
+            if step == args.nan_step and prepared.shard == prepared.num_shards - 1:
+                y = torch.full_like(y, float("nan"))  # one rank only: DDP spreads it
+            loss = nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            stats = optimizer.last_clip
+            assert stats is not None
+            norms.append(stats.total_norm.detach().clone())  # tensors: no host sync
+            thresholds.append(stats.threshold.detach().clone())
+            bar.update(1)
+            if is_main and (step + 1) % args.log_every == 0:
+                seen = stats.as_floats()  # the only host reads: once per interval
+                bar.set_postfix(
+                    loss=f"{float(loss.detach()):.3g}",
+                    norm=f"{seen['total_norm']:.3g}",
+                    threshold=f"{seen['threshold']:.3g}",
+                    refresh=False,
+                )
+    elapsed = time.perf_counter() - start
+
+    final_loss = evaluate(model, held_out)
+    # Debug check: every rank's window must be bit-for-bit the same.
+    clipper.check_consistency()  # raises distclip.RankDesyncError otherwise
+    window = clipper.window.chronological()
+    gathered = [torch.empty_like(window) for _ in range(env.world_size)]
+    dist.all_gather(gathered, window)
+    identical = all(torch.equal(w, window) for w in gathered)
+
+    if is_main:
+        norm_values, threshold_values = torch.stack(norms), torch.stack(thresholds)
+        num_clipped, num_skipped = int(clipper.num_clipped), int(clipper.num_skipped)
+        print(
+            f"\nsummary ({args.steps} steps in {elapsed:.1f} s, "
+            f"{args.steps / elapsed:.0f} steps/s)\n"
+            f"  steps            {args.steps}\n"
+            f"  steps clipped    {num_clipped} ({100 * num_clipped / args.steps:.1f}%)\n"
+            f"  steps skipped    {num_skipped} (NaN/inf global norm)\n"
+            f"  {'':<16}" + "".join(f"{label:>10}" for label in QUANTILES) + "\n"
+            f"{quantile_row('pre-clip norm', norm_values)}\n"
+            f"{quantile_row('threshold', threshold_values)}\n"
+            f"  held-out loss    {initial_loss:.4g} initially -> {final_loss:.4g} at the end\n"
+            f"  window           {window.numel()} norms, "
+            + (
+                f"identical on all {env.world_size} rank(s) (check_consistency passed)"
+                if identical
+                else "DIFFERENT between ranks"
+            ),
+            flush=True,
+        )
+    if not identical:
+        raise distclip.RankDesyncError("the AutoClip windows differ between ranks")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    env = init_distributed()
+    try:
+        train(args, env)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
