@@ -1,4 +1,4 @@
-"""distclip demo: AutoClip under distributed data parallel training, on CPU with gloo.
+"""distclip demo: AutoClip under DDP, FSDP1, FSDP2, tensor parallel or 2-D FSDP2+TP, on CPU.
 
 A small MLP learns a fixed random "teacher" network from synthetic data whose targets
 carry heavy-tailed noise (Student-t with 2 degrees of freedom: infinite variance) and,
@@ -13,8 +13,11 @@ Run with torchrun (``launch/demo.sh`` does this)::
 
 Without torchrun the script runs as a single process (world size 1).
 
-A layout is a small function that wraps the model for one kind of parallelism and
-says which data shard this rank trains on; see ``LAYOUTS``.
+``--layout`` picks the parallelism (``ddp``, ``fsdp1``, ``fsdp2``, ``tp``, ``fsdp2+tp``;
+the last needs an even number of ranks). A layout is a small function that wraps the
+model and says which data shard this rank trains on; see ``LAYOUTS``. Every layout
+trains the same model on the same global batches, so the norms, thresholds and losses
+it prints agree across layouts up to floating-point rounding.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import argparse
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,11 +73,17 @@ def init_distributed() -> DistEnv:
 # ------------------------------------------------------------------------- layouts
 @dataclass(frozen=True)
 class Prepared:
-    """A model wrapped for a layout, and the data shard this rank trains on."""
+    """A model wrapped for a layout, the data shard this rank trains on, and what the
+    clipped optimizer needs to know about the layout (e.g. ``model=`` for FSDP1)."""
 
     model: nn.Module
     shard: int
     num_shards: int
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: How torch's SGD runs: fused where it can (the clip and the NaN/inf skip then stay
+    #: on the device); fused SGD has no DTensor rule, and foreach cannot mix DTensors
+    #: with plain tensors (TP leaves the output layer a plain tensor).
+    sgd_impl: dict[str, bool] = field(default_factory=lambda: {"fused": True})
 
 
 def layout_ddp(model: nn.Module, env: DistEnv) -> Prepared:
@@ -81,10 +91,69 @@ def layout_ddp(model: nn.Module, env: DistEnv) -> Prepared:
     return Prepared(DistributedDataParallel(model), shard=env.rank, num_shards=env.world_size)
 
 
-#: Layout name -> function wrapping the model. distclip supports a single process and
-#: DDP today; FSDP1/FSDP2/TP/DeepSpeed layouts are refused by distclip until supported.
+def layout_fsdp1(model: nn.Module, env: DistEnv) -> Prepared:
+    """FSDP1, FULL_SHARD: flat parameter shards; distclip needs the root (``model=``)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = FullyShardedDataParallel(model, device_id=env.device, use_orig_params=True)
+    return Prepared(wrapped, env.rank, env.world_size, {"model": wrapped})
+
+
+def layout_fsdp2(model: nn.Module, env: DistEnv) -> Prepared:
+    """FSDP2 (``fully_shard``): every parameter a DTensor sharded on dim 0."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return Prepared(model, env.rank, env.world_size, sgd_impl={"foreach": True})
+
+
+def _tensor_parallel(model: nn.Module, mesh: Any) -> None:
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    # Hidden layers split column-wise then row-wise; the output layer stays replicated.
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+def layout_tp(model: nn.Module, env: DistEnv) -> Prepared:
+    """Tensor parallel: every rank sees the same data and holds a slice of the layers."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _tensor_parallel(model, init_device_mesh(env.device.type, (env.world_size,)))
+    return Prepared(model, shard=0, num_shards=1, sgd_impl={"foreach": False})
+
+
+def layout_fsdp2_tp(model: nn.Module, env: DistEnv) -> Prepared:
+    """2-D: tensor parallel over pairs of ranks, FSDP2 over the data-parallel dimension."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if env.world_size % 2:
+        raise ValueError(f"fsdp2+tp needs an even number of ranks, got {env.world_size}")
+    mesh = init_device_mesh(env.device.type, (env.world_size // 2, 2), mesh_dim_names=("dp", "tp"))
+    _tensor_parallel(model, mesh["tp"])
+    fully_shard(model, mesh=mesh["dp"])
+    dp_rank = mesh.get_coordinate()[0]  # type: ignore[index]
+    return Prepared(
+        model, shard=dp_rank, num_shards=env.world_size // 2, sgd_impl={"foreach": True}
+    )
+
+
+#: Layout name -> function wrapping the model for that kind of parallelism.
 LAYOUTS: dict[str, Callable[[nn.Module, DistEnv], Prepared]] = {
     "ddp": layout_ddp,
+    "fsdp1": layout_fsdp1,
+    "fsdp2": layout_fsdp2,
+    "tp": layout_tp,
+    "fsdp2+tp": layout_fsdp2_tp,
 }
 
 
@@ -199,8 +268,13 @@ def train(args: argparse.Namespace, env: DistEnv) -> None:
     optimizer_cls = distclip.AutoClippedOptimizer(
         torch.optim.SGD, q=args.q, window=args.window, max_norm=args.max_norm
     )
-    # fused=True: the clip coefficient and the NaN/inf skip stay on the device.
-    optimizer = optimizer_cls(model.parameters(), lr=args.lr, momentum=0.9, fused=True)
+    optimizer = optimizer_cls(
+        model.parameters(),
+        lr=args.lr,
+        momentum=0.9,
+        **prepared.sgd_impl,
+        **prepared.optimizer_kwargs,
+    )
     clipper = optimizer.clipper
     assert isinstance(clipper, distclip.AutoClip)
 
