@@ -87,6 +87,7 @@ class OptimizerBinding:
     def __init__(self, clipper: Clipper, optimizer: Optimizer) -> None:
         self.clipper = clipper
         self.signature = self._signature(optimizer)
+        self._state_ready = False
         self._pending_load: dict[str, Any] | None = None
         self._armed: SkipToken | None = None
 
@@ -100,6 +101,25 @@ class OptimizerBinding:
         if signature != self.signature:
             self.clipper.set_params(optimizer.param_groups)
             self.signature = signature
+            self._state_ready = False
+
+    def _optimizer_state_ready(self, optimizer: Optimizer) -> bool:
+        """True once every parameter with a gradient has optimizer state.
+
+        A fused optimizer's first step allocates its state before the kernel reads
+        ``found_inf``; torch's fused SGD allocates momentum with ``empty_like`` and
+        only the (skipped) kernel would have written it. Until the state exists, a
+        skip is therefore decided on the host. Cached: checked until it holds.
+        """
+        if not self._state_ready:
+            state = optimizer.state
+            self._state_ready = all(
+                bool(state.get(p))
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            )
+        return self._state_ready
 
     def before_step(self, optimizer: Optimizer) -> ClipStats | None:
         """Clip before the update and record ``optimizer.last_clip``.
@@ -118,14 +138,15 @@ class OptimizerBinding:
         """Prepare the optimizer so that a NaN/inf step changes nothing.
 
         Fused torch optimizers get ``optimizer.found_inf`` (combined with one a
-        ``GradScaler`` may have set) and skip on the device: no host sync. Otherwise
+        ``GradScaler`` may have set) and skip on the device: no host sync (from their
+        second step: see :meth:`_optimizer_state_ready`). Otherwise
         the decision is read on the host once; on a skipped step the caller does not
         run the update (``can_bypass``) or, where it cannot avoid calling it (a step
         pre-hook), every gradient is hidden (set to ``None``) so the optimizer
         updates nothing, and put back by :meth:`disarm_skip`.
         """
         token = SkipToken()
-        if uses_fused_step(optimizer):
+        if uses_fused_step(optimizer) and self._optimizer_state_ready(optimizer):
             token.set_found_inf = True
             token.had_found_inf = "found_inf" in optimizer.__dict__
             previous = optimizer.__dict__.get("found_inf")

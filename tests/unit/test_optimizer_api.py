@@ -291,3 +291,27 @@ def test_standalone_clipper_in_a_custom_loop() -> None:
         got.append(stats.threshold)
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
     assert clipper.state_dict()["num_steps"] == 10
+
+
+@pytest.mark.parametrize(("opt_cls", "kwargs"), FLAVOURS)
+def test_skipped_first_step_leaves_no_optimizer_state(opt_cls, kwargs) -> None:  # type: ignore[no-untyped-def]
+    """A NaN first step must not leave state behind (fused SGD would keep empty_like momentum)."""
+    batches = _batches(6)
+    model, reference = _model(), _model()
+    opt = distclip.AutoClippedOptimizer(opt_cls, q=0.2, window=6)(model.parameters(), **kwargs)
+    ref_opt = distclip.AutoClippedOptimizer(opt_cls, q=0.2, window=6)(
+        reference.parameters(), **kwargs
+    )
+    opt.zero_grad()
+    (_loss(model, batches[0]) * float("nan")).backward()
+    opt.step()
+    assert bool(opt.last_clip.skipped)
+    for p in model.parameters():
+        assert not any(
+            isinstance(v, torch.Tensor) and v.numel() > 1 for v in opt.state.get(p, {}).values()
+        )
+    expected = _train(ref_opt, reference, batches[1:])
+    got = _train(opt, model, batches[1:])
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    for p, r in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, r)

@@ -1,0 +1,468 @@
+"""A process group of N CPU ranks (gloo) that stays up and runs many checks.
+
+Starting processes (and importing torch in each) is the expensive part of a
+distributed test on a small machine, so a :class:`ProcessGroupHarness` starts its
+workers once (see the module-scoped fixtures in ``conftest.py``) and then runs any
+number of functions in them::
+
+    with ProcessGroupHarness(world_size=2) as group:
+        per_rank = group.run(workers_ddp.train, spec)   # [rank 0's result, rank 1's]
+    assert group.exitcodes == [0, 0]
+
+How it works:
+
+* workers are ``spawn``-ed (never forked: a forked torch is not safe); each one joins
+  a gloo process group through a ``TCPStore`` that *this* process serves on a port
+  the OS picked, so there is no race for a free port;
+* :meth:`ProcessGroupHarness.run` sends a function reference (module + qualified
+  name, so the function must live in an importable module, not in a test file's
+  ``<locals>``) and its arguments to every rank over one pipe per rank, and waits
+  for every rank's answer with a deadline: a hung collective fails the test after
+  ``timeout`` seconds instead of hanging CI. A rank's exception comes back as a
+  formatted traceback and is raised here as :class:`WorkerError`;
+* after a timeout or a dead worker the group is killed and marked broken; the next
+  ``run`` starts a fresh group, so one failing test does not fail the rest;
+* :meth:`ProcessGroupHarness.close` asks every worker to stop: the worker drops its
+  references, calls ``dist.destroy_process_group()`` in ``finally:`` and leaves with
+  ``os._exit`` (a gloo worker that runs the interpreter's normal shutdown can die of
+  SIGABRT). ``exitcodes`` then holds every worker's exit status (0 = clean);
+* workers never outlive this process: they die with it (``PR_SET_PDEATHSIG`` on
+  Linux), stop when their pipe closes, and an ``atexit`` hook kills any left over.
+
+This module imports torch only inside functions, so that a worker can set
+``OMP_NUM_THREADS`` and friends before its first ``import torch``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import gc
+import importlib
+import itertools
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "GroupTimeoutError",
+    "ProcessGroupHarness",
+    "RemoteError",
+    "WorkerError",
+]
+
+#: Seconds a :meth:`ProcessGroupHarness.run` may take before the group is declared hung.
+DEFAULT_TIMEOUT = 120.0
+
+#: Environment of every worker, set before it imports torch (a 2-core machine).
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    # gloo picks its network interface from the host name unless told; all ranks
+    # are on this machine, so loopback is the one that always works.
+    "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+}
+
+_HOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class RemoteError:
+    """An exception raised by a function on one rank, as it arrives here."""
+
+    rank: int
+    type_name: str
+    message: str
+    traceback: str
+
+    def __str__(self) -> str:
+        return f"rank {self.rank}: {self.type_name}: {self.message}\n{self.traceback}"
+
+
+class WorkerError(RuntimeError):
+    """A function raised on some rank, a worker died, or the group could not start.
+
+    ``errors`` holds the :class:`RemoteError` of every rank that raised.
+    """
+
+    def __init__(self, message: str, errors: list[RemoteError] | None = None) -> None:
+        self.errors = list(errors or [])
+        details = "".join(f"\n--- {error}" for error in self.errors)
+        super().__init__(message + details)
+
+
+class GroupTimeoutError(WorkerError):
+    """Some rank did not answer within the deadline (a hung collective, usually)."""
+
+
+# --------------------------------------------------------------------------- worker side
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when the parent dies; exit if it already has."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - exotic libc
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(3)
+
+
+def _resolve(module_name: str, qualname: str) -> Callable[..., Any]:
+    target: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target  # type: ignore[no-any-return]
+
+
+def _describe(rank: int, exc: BaseException) -> RemoteError:
+    return RemoteError(
+        rank=rank,
+        type_name=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        message=str(exc),
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    )
+
+
+def _serve(conn: Connection, rank: int) -> None:
+    """Run calls until told to stop (or until the parent's end of the pipe closes)."""
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        if message[0] == "stop":
+            return
+        _, call_id, module_name, qualname, args, kwargs = message
+        try:
+            value = _resolve(module_name, qualname)(*args, **kwargs)
+            payload = pickle.dumps(("ok", call_id, value))
+        except BaseException as exc:
+            payload = pickle.dumps(("error", call_id, _describe(rank, exc)))
+        # Drop every reference the call left (models, optimizers) before waiting.
+        message = args = kwargs = value = None
+        conn.send_bytes(payload)
+        del payload
+
+
+def _worker_main(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    conn: Connection,
+    parent_pid: int,
+    env: dict[str, str],
+    collective_timeout_s: float,
+) -> None:
+    """Entry point of one rank: join the group, serve calls, leave cleanly."""
+    _die_with_parent(parent_pid)
+    # The parent handles Ctrl-C and stops (or kills) the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.update(env)
+    exit_code = 0
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        store = dist.TCPStore(
+            _HOST, port, is_master=False, timeout=timedelta(seconds=collective_timeout_s)
+        )
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=collective_timeout_s),
+        )
+        del store
+        conn.send_bytes(pickle.dumps(("ready", rank, None)))
+        _serve(conn, rank)
+    except BaseException as exc:
+        exit_code = 1
+        try:
+            conn.send_bytes(pickle.dumps(("fatal", rank, _describe(rank, exc))))
+        except Exception:
+            traceback.print_exc()
+    finally:
+        try:
+            gc.collect()
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except BaseException:
+            traceback.print_exc()
+            exit_code = exit_code or 2
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+
+
+# --------------------------------------------------------------------------- parent side
+_LIVE: weakref.WeakSet[ProcessGroupHarness] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for harness in list(_LIVE):
+        harness.kill()
+
+
+class ProcessGroupHarness:
+    """N spawned ranks in one gloo process group; see the module docstring.
+
+    Args:
+        world_size: how many ranks.
+        backend: the ``torch.distributed`` backend (gloo: CPU only).
+        timeout: default deadline in seconds of :meth:`run`.
+        start_timeout: deadline in seconds for every rank to join the group.
+        collective_timeout_s: the process group's own timeout (a collective that
+            waits longer raises in the worker); longer than ``timeout`` so the
+            harness's deadline is what a test sees.
+        error_grace: once a rank has raised, seconds to wait for the other ranks'
+            answers (they are often stuck in a collective the failed rank never
+            entered) before the group is killed.
+    """
+
+    def __init__(
+        self,
+        world_size: int = 2,
+        *,
+        backend: str = "gloo",
+        timeout: float = DEFAULT_TIMEOUT,
+        start_timeout: float = DEFAULT_TIMEOUT,
+        collective_timeout_s: float = 300.0,
+        error_grace: float = 10.0,
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        self.backend = backend
+        self.timeout = timeout
+        self.start_timeout = start_timeout
+        self.collective_timeout_s = collective_timeout_s
+        self.error_grace = error_grace
+        self.starts = 0
+        self.exitcodes: list[int | None] | None = None
+        self._processes: list[Any] = []
+        self._conns: list[Connection] = []
+        self._store: Any = None
+        self._broken = False
+        self._call_ids = itertools.count()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def running(self) -> bool:
+        """True while a started, healthy group is up."""
+        return bool(self._processes) and not self._broken
+
+    @property
+    def broken(self) -> bool:
+        """True after a timeout or a dead worker killed the group (until the next start)."""
+        return self._broken
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the current workers."""
+        return [p.pid for p in self._processes]
+
+    def start(self) -> ProcessGroupHarness:
+        """Spawn the workers and wait until every rank has joined the process group."""
+        if self._processes:
+            raise RuntimeError("the group is already started; close() it first")
+        import torch.distributed as dist
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._broken = False
+        self.exitcodes = None
+        self.starts += 1
+        # This process serves the rendezvous store on a port the OS chooses: no race.
+        self._store = dist.TCPStore(_HOST, 0, is_master=True, wait_for_workers=False)
+        port = self._store.port
+        _LIVE.add(self)
+        for rank in range(self.world_size):
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            process = ctx.Process(
+                target=_worker_main,
+                args=(
+                    rank,
+                    self.world_size,
+                    port,
+                    self.backend,
+                    child_end,
+                    os.getpid(),
+                    WORKER_ENV,
+                    self.collective_timeout_s,
+                ),
+                name=f"distclip-test-rank{rank}",
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            self._processes.append(process)
+            self._conns.append(parent_end)
+        try:
+            self._collect(None, ready=True, timeout=self.start_timeout)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def close(self, timeout: float = 60.0) -> list[int | None]:
+        """Stop every worker and return their exit codes (0 = left cleanly).
+
+        A worker that does not exit within ``timeout`` seconds is killed (its code is
+        then negative). Closing a broken or closed group only reaps its processes.
+        """
+        if not self._processes:
+            return list(self.exitcodes or [])
+        if not self._broken:
+            stop = pickle.dumps(("stop",))
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.send_bytes(stop)
+            deadline = time.monotonic() + timeout
+            for process in self._processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+        return self.kill()
+
+    def kill(self) -> list[int | None]:
+        """Kill whatever workers are still alive, reap them all, return exit codes."""
+        for process in self._processes:
+            if process.is_alive():
+                process.kill()
+        for process in self._processes:
+            process.join(10.0)
+        if self._processes:
+            self.exitcodes = [p.exitcode for p in self._processes]
+        for conn in self._conns:
+            conn.close()
+        self._processes, self._conns, self._store = [], [], None
+        _LIVE.discard(self)
+        return list(self.exitcodes or [])
+
+    def __enter__(self) -> ProcessGroupHarness:
+        return self.start() if not self._processes else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------ run
+    def run(
+        self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> list[Any]:
+        """Call ``fn(*args, **kwargs)`` on every rank at once; return the results by rank.
+
+        ``fn`` must be importable by module path (a module-level function). Starts a
+        fresh group if the last one broke.
+
+        Raises:
+            WorkerError: ``fn`` raised on some rank (every rank's traceback included)
+                or a worker died; the group is killed if it can no longer be trusted.
+            GroupTimeoutError: some rank did not answer within ``timeout`` seconds
+                (default: the harness's); the group is killed.
+        """
+        module_name = getattr(fn, "__module__", None)
+        qualname = getattr(fn, "__qualname__", "")
+        if not module_name or module_name == "__main__" or "<locals>" in qualname:
+            raise ValueError(
+                f"{fn!r} cannot be sent to a worker: use a module-level function of an "
+                "importable module"
+            )
+        if self._broken or not self._processes:
+            if self._processes:
+                self.kill()
+            self.start()
+        call_id = next(self._call_ids)
+        payload = pickle.dumps(("call", call_id, module_name, qualname, args, kwargs))
+        for conn in self._conns:
+            conn.send_bytes(payload)
+        return self._collect(
+            call_id, ready=False, timeout=self.timeout if timeout is None else timeout
+        )
+
+    def _collect(self, call_id: int | None, *, ready: bool, timeout: float) -> list[Any]:
+        """Wait for one answer per rank (results, or 'ready' at start-up)."""
+        n = self.world_size
+        results: list[Any] = [None] * n
+        errors: list[RemoteError] = []
+        pending = set(range(n))
+        start = time.monotonic()
+        deadline = start + timeout
+        what = "join the process group" if ready else f"answer call {call_id}"
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(pending)
+                self._abort()
+                raise GroupTimeoutError(
+                    f"rank(s) {missing} did not {what} within {timeout:.0f} s (a hung "
+                    "collective?); the group was killed",
+                    errors,
+                )
+            waitables: dict[Any, tuple[str, int]] = {}
+            for rank in pending:
+                waitables[self._conns[rank]] = ("conn", rank)
+                waitables[self._processes[rank].sentinel] = ("died", rank)
+            for obj in wait(list(waitables), timeout=remaining):
+                kind, rank = waitables[obj]
+                if rank not in pending:
+                    continue
+                conn = self._conns[rank]
+                try:
+                    if kind == "died" and not conn.poll():
+                        raise EOFError
+                    message = pickle.loads(conn.recv_bytes())
+                except (EOFError, OSError) as exc:
+                    self._processes[rank].join(10.0)  # a closed pipe: the rank is exiting
+                    self._abort()
+                    code = self.exitcodes[rank] if self.exitcodes else None
+                    raise WorkerError(
+                        f"rank {rank} died (exit code {code}) while expected to {what}", errors
+                    ) from exc
+                status = message[0]
+                if status == "fatal":
+                    errors.append(message[2])
+                    self._abort()
+                    raise WorkerError(f"rank {rank} failed and left the group", errors)
+                if ready:
+                    if status != "ready":
+                        self._abort()
+                        raise WorkerError(f"rank {rank} sent {status!r} instead of 'ready'")
+                elif message[1] != call_id:
+                    self._abort()
+                    raise WorkerError(f"rank {rank} answered call {message[1]}, not {call_id}")
+                elif status == "ok":
+                    results[rank] = message[2]
+                else:
+                    errors.append(message[2])
+                    # The other ranks may wait in a collective this rank never entered.
+                    deadline = min(deadline, time.monotonic() + self.error_grace)
+                pending.discard(rank)
+        if errors:
+            errors.sort(key=lambda e: e.rank)
+            raise WorkerError(
+                f"call {call_id} raised on rank(s) {[e.rank for e in errors]}", errors
+            )
+        return results
+
+    def _abort(self) -> None:
+        self._broken = True
+        self.kill()
+        self._broken = True
