@@ -182,7 +182,7 @@ class Clipper:
                 every rank alike, before anything is modified).
         """
         plan = self.plan
-        total_norm = plan.total_norm(self.config.norm_type, foreach=self.config.foreach)
+        total_norm, measured = self._measure(plan)
         finite = torch.isfinite(total_norm)
         if self.config.nonfinite == "error" and not bool(finite):
             raise NonFiniteNormError(
@@ -190,20 +190,39 @@ class Clipper:
                 f"{self.num_steps + 1}; nothing was modified. Use nonfinite='skip' to skip "
                 "such steps instead of raising."
             )
-        threshold = self._threshold(total_norm, finite)
-        coef = skip_aware_coefficient(
-            clip_coefficient(threshold, total_norm, self.config.eps), finite
-        )
-        scale_(plan.grads(), coef, foreach=self.config.foreach)
+        threshold, coef, clipped = self._apply(plan, total_norm, finite, measured)
         skipped = ~finite
         self.num_skipped.add_(skipped.to(self.num_skipped.device, torch.long))
-        self.num_clipped.add_(
-            (finite & (total_norm > threshold)).to(self.num_clipped.device, torch.long)
-        )
+        if clipped is not None:
+            self.num_clipped.add_((finite & clipped).to(self.num_clipped.device, torch.long))
         self.num_steps += 1
         if self._check_due():
             self.check_consistency()
         return ClipStats(total_norm, threshold, coef, skipped, self.num_steps)
+
+    def _measure(self, plan: ReductionPlan) -> tuple[Tensor, Any]:
+        """The global norm (0-dim) and whatever else the method measured on the way."""
+        return plan.total_norm(self.config.norm_type, foreach=self.config.foreach), None
+
+    def _apply(
+        self, plan: ReductionPlan, total_norm: Tensor, finite: Tensor, measured: Any
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Clip the gradients; return ``(threshold, clip_coef, clipped)`` as 0-dim tensors.
+
+        ``clipped`` (bool, the same on every rank) feeds ``num_clipped``; ``None`` where
+        the method cannot say without extra communication. The default scales every
+        gradient by ``min(1, threshold / (total_norm + eps))`` (1 on a skipped step).
+        """
+        threshold = self._threshold(total_norm, finite)
+        coef = skip_aware_coefficient(
+            clip_coefficient(threshold, total_norm, self.config.eps), finite
+        )
+        self._scale(plan, coef)
+        return threshold, coef, total_norm > threshold
+
+    def _scale(self, plan: ReductionPlan, coef: Tensor) -> None:
+        """Multiply every local gradient by the 0-dim ``coef``."""
+        scale_(plan.grads(), coef, foreach=self.config.foreach)
 
     def _check_due(self) -> bool:
         every = self.config.check_every

@@ -8,6 +8,7 @@ from distclip.functional.norms import (
     combine_powsums,
     local_powsum,
     powsum_to_norm,
+    tensor_powsums,
     validate_norm_type,
 )
 from distclip.functional.quantile import prefix_quantile
@@ -28,5 +29,6 @@ __all__ = [
     "prefix_quantile",
     "scale_",
     "skip_aware_coefficient",
+    "tensor_powsums",
     "validate_norm_type",
 ]

@@ -11,7 +11,7 @@ from torch.utils._foreach_utils import (
     _group_tensors_by_device_and_dtype,
 )
 
-__all__ = ["group_by_device_and_dtype", "use_foreach"]
+__all__ = ["group_by_device_and_dtype", "group_indices_by_device_and_dtype", "use_foreach"]
 
 
 def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:
@@ -28,3 +28,16 @@ def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[tuple[torch.dev
 def use_foreach(device: torch.device, foreach: bool | None) -> bool:
     """Whether to use the foreach kernels on ``device`` (``None``: where supported)."""
     return _device_has_foreach_support(device) if foreach is None else foreach
+
+
+def group_indices_by_device_and_dtype(
+    tensors: Sequence[Tensor],
+) -> list[tuple[torch.device, list[Tensor], list[int]]]:
+    """Like :func:`group_by_device_and_dtype`, with each tensor's index in ``tensors``."""
+    if not tensors:
+        return []
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)  # type: ignore[list-item]
+    return [
+        (device, [t for t in lists[0] if t is not None], list(indices))
+        for (device, _), (lists, indices) in grouped.items()  # type: ignore[misc]
+    ]

@@ -19,13 +19,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from distclip.functional._grouping import group_by_device_and_dtype, use_foreach
+from distclip.functional._grouping import (
+    group_by_device_and_dtype,
+    group_indices_by_device_and_dtype,
+    use_foreach,
+)
 
 __all__ = [
     "accumulation_dtype",
     "combine_powsums",
     "local_powsum",
     "powsum_to_norm",
+    "tensor_powsums",
     "validate_norm_type",
 ]
 
@@ -61,6 +66,20 @@ def _powsum_of_norms(norms: Tensor, norm_type: float) -> Tensor:
     return norms.pow(norm_type).sum()
 
 
+def _norms(
+    group: list[Tensor],
+    device: torch.device,
+    norm_type: float,
+    dtype: torch.dtype,
+    foreach: bool | None,
+) -> Tensor:
+    """Per-tensor norms of one (device, dtype) group, accumulated in ``dtype`` or wider."""
+    acc = torch.promote_types(dtype, group[0].dtype) if group[0].is_floating_point() else dtype
+    if use_foreach(device, foreach):
+        return torch.stack(list(torch._foreach_norm(group, norm_type, dtype=acc)))
+    return torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group])
+
+
 def local_powsum(
     tensors: Sequence[Tensor],
     norm_type: float,
@@ -83,14 +102,37 @@ def local_powsum(
     parts: list[Tensor] = []
     nonempty = [t for t in tensors if t.numel() > 0]
     for group_device, group in group_by_device_and_dtype(nonempty):
-        if use_foreach(group_device, foreach):
-            norms = list(torch._foreach_norm(group, norm_type, dtype=dtype))
-        else:
-            norms = [torch.linalg.vector_norm(t, norm_type, dtype=dtype) for t in group]
-        parts.append(_powsum_of_norms(torch.stack(norms), norm_type).to(device))
+        norms = _norms(group, group_device, norm_type, dtype, foreach)
+        parts.append(_powsum_of_norms(norms, norm_type).to(device, dtype))
     if not parts:
         return torch.zeros((), device=device, dtype=dtype)
     return combine_powsums(parts, norm_type)
+
+
+def tensor_powsums(
+    tensors: Sequence[Tensor],
+    norm_type: float,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Each tensor's own power sum ``||t_i||_p ** p`` (``max |t_i|`` for inf), as a 1-D tensor.
+
+    Entry i belongs to ``tensors[i]``; an empty tensor gives 0. Norms come from one
+    ``torch._foreach_norm`` per (device, dtype) group, accumulated in ``dtype``.
+    No host synchronisation.
+    """
+    out = torch.zeros(len(tensors), device=device, dtype=dtype)
+    nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
+    chosen = [tensors[i] for i in nonempty]
+    for group_device, group, indices in group_indices_by_device_and_dtype(chosen):
+        norms = _norms(group, group_device, norm_type, dtype, foreach)
+        if not (math.isinf(norm_type) or norm_type == 1.0):
+            norms = norms.pow(norm_type)
+        positions = torch.tensor([nonempty[i] for i in indices], device=device)
+        out.index_copy_(0, positions, norms.to(device, dtype))
+    return out
 
 
 def combine_powsums(powsums: Sequence[Tensor], norm_type: float) -> Tensor:

@@ -44,15 +44,15 @@ def collective_device(group: dist.ProcessGroup | None, like: Tensor) -> torch.de
 
 
 def all_reduce_powsum(powsum: Tensor, norm_type: float, group: dist.ProcessGroup | None) -> Tensor:
-    """All-reduce a 0-dim power sum over ``group``: SUM, or MAX for ``norm_type = inf``.
+    """All-reduce power sums (a 0-dim or 1-D tensor) over ``group``: SUM, or MAX for inf.
 
-    Returns the reduced tensor on ``powsum``'s device. One collective.
+    Returns the reduced tensor, shaped and placed like ``powsum``. One collective.
     """
     op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
     device = collective_device(group, powsum)
-    buffer = powsum.to(device, copy=True).reshape(1)
+    buffer = powsum.to(device, copy=True).reshape(-1)
     dist.all_reduce(buffer, op=op, group=group)
-    return buffer.reshape(()).to(powsum.device)
+    return buffer.reshape(powsum.shape).to(powsum.device)
 
 
 def all_gather_tensor(tensor: Tensor, group: dist.ProcessGroup | None = None) -> list[Tensor]:

@@ -48,7 +48,8 @@ class Placement:
 
     kind: str  # "replicated", "fsdp1", "dtensor"
     process_group: Any = None  # a ProcessGroup, or None for no reduction
-    counted: bool = True
+    counted: bool = True  # this rank's local part enters the group's reduction
+    shared: bool = False  # a tied copy: its norm is its own, but the global norm skips it
 
 
 def mark_shared(param: Tensor) -> Tensor:
@@ -168,7 +169,7 @@ def classify(
     else:
         placement = Placement("replicated")
     if getattr(param, SHARED_ATTR, False):
-        placement = Placement(placement.kind, placement.process_group, counted=False)
+        placement = Placement(placement.kind, placement.process_group, placement.counted, True)
     return placement
 
 

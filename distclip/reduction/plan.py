@@ -11,6 +11,7 @@ Every rank joins every collective whether or not it holds gradients this step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from distclip.functional import (
     combine_powsums,
     local_powsum,
     powsum_to_norm,
+    tensor_powsums,
 )
 from distclip.reduction.collectives import all_reduce_powsum
 from distclip.reduction.layouts import (
@@ -37,6 +39,9 @@ from distclip.reduction.layouts import (
 __all__ = ["GradGroup", "ReductionPlan"]
 
 
+_EMPTY = torch.zeros(0)
+
+
 def _local(grad: Tensor) -> Tensor:
     return grad._local_tensor if is_dtensor(grad) else grad  # type: ignore[attr-defined, no-any-return]
 
@@ -46,21 +51,32 @@ class GradGroup:
     """Parameters whose power sums are reduced over one process group.
 
     ``process_group`` is ``None`` for the replicated group (nothing to reduce).
-    ``params`` are all of them (every one is scaled); ``counted`` those whose local
-    part counts in the norm on this rank.
+    ``params`` are all of them (every one is scaled). ``leader[i]``: this rank's
+    local part of ``params[i]`` enters the reduction (one copy of replicated data
+    does); ``shared[i]``: a tied copy, left out of the global norm.
     """
 
     kind: str
     params: tuple[Tensor, ...]
-    counted: tuple[Tensor, ...]
+    leader: tuple[bool, ...]
+    shared: tuple[bool, ...]
     process_group: Any = None
+
+    @property
+    def counted(self) -> tuple[Tensor, ...]:
+        """The parameters whose local part counts in the global norm on this rank."""
+        return tuple(
+            p
+            for p, lead, tied in zip(self.params, self.leader, self.shared, strict=True)
+            if lead and not tied
+        )
 
     def grads(self) -> list[Tensor]:
         """The local gradient tensors of this group that exist this step."""
         return [_local(p.grad) for p in self.params if p.grad is not None]
 
     def counted_grads(self) -> list[Tensor]:
-        """The local gradients that count in the norm on this rank."""
+        """The local gradients that count in the global norm on this rank."""
         return [_local(p.grad) for p in self.counted if p.grad is not None]
 
 
@@ -83,6 +99,10 @@ class ReductionPlan:
         self.device = device
         self.dtype = dtype
         self.pipeline_groups = tuple(pipeline_groups)
+        #: Which entries of :meth:`per_tensor_powsums` enter the global norm.
+        self.total_mask = torch.tensor(
+            [not tied for g in self.groups for tied in g.shared], dtype=torch.bool, device=device
+        )
 
     @classmethod
     def build(
@@ -105,19 +125,20 @@ class ReductionPlan:
         fsdp1 = (
             fsdp1_groups(model) if model is not None and any(map(is_fsdp1_param, params)) else None
         )
-        by_group: dict[tuple[str, int], tuple[str, Any, list[Tensor], list[Tensor]]] = {}
+        by_group: dict[tuple[str, int], tuple[str, Any, list[Tensor], list[bool], list[bool]]] = {}
         for param in params:
             placement = classify(param, fsdp1=fsdp1, fold_into_root=not pipeline)
             key = (
                 placement.kind if placement.process_group is None else "sharded",
                 id(placement.process_group),
             )
-            entry = by_group.setdefault(key, (placement.kind, placement.process_group, [], []))
+            entry = by_group.setdefault(key, (placement.kind, placement.process_group, [], [], []))
             entry[2].append(param)
-            if placement.counted:
-                entry[3].append(param)
+            entry[3].append(placement.counted)
+            entry[4].append(placement.shared)
         groups = [
-            GradGroup(kind, tuple(ps), tuple(cs), pg) for kind, pg, ps, cs in by_group.values()
+            GradGroup(kind, tuple(ps), tuple(lead), tuple(tied), pg)
+            for kind, pg, ps, lead, tied in by_group.values()
         ]
         device = params[0].device if params else torch.device("cpu")
         if device.type == "meta":
@@ -156,6 +177,49 @@ class ReductionPlan:
             total = torch.zeros((), device=self.device, dtype=self.dtype)
         else:
             total = combine_powsums(powsums, norm_type)
+        for pipeline_group in self.pipeline_groups:
+            total = all_reduce_powsum(total, norm_type, pipeline_group)
+        return powsum_to_norm(total, norm_type)
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        """Every parameter, in the order of :meth:`per_tensor_norms`."""
+        return tuple(p for group in self.groups for p in group.params)
+
+    def per_tensor_powsums(
+        self, norm_type: float, *, of: str = "grad", foreach: bool | None = None
+    ) -> Tensor:
+        """Each parameter's power sum over all its shards (1-D, order of :attr:`params`).
+
+        ``of="grad"`` measures the gradients, ``of="param"`` the parameters themselves.
+        One local vector per group (a missing gradient, or a copy another rank
+        counts, contributes 0), one vector all-reduce per distinct process group.
+        No host sync. An entry is the same on every rank holding that parameter;
+        tied copies get their own norm (:attr:`total_mask` keeps them out of the total).
+        """
+        parts: list[Tensor] = []
+        for group in self.groups:
+            tensors = []
+            for param, lead in zip(group.params, group.leader, strict=True):
+                source = param.grad if of == "grad" else param.detach()
+                tensors.append(_local(source) if source is not None and lead else _EMPTY)
+            local = tensor_powsums(
+                tensors, norm_type, device=self.device, dtype=self.dtype, foreach=foreach
+            )
+            if group.process_group is not None:
+                local = all_reduce_powsum(local, norm_type, group.process_group)
+            parts.append(local)
+        if not parts:
+            return torch.zeros(0, device=self.device, dtype=self.dtype)
+        return torch.cat(parts)
+
+    def total_from_powsums(self, powsums: Tensor, norm_type: float) -> Tensor:
+        """The global norm from :meth:`per_tensor_powsums` (pipeline groups summed)."""
+        counted = torch.where(self.total_mask, powsums, torch.zeros_like(powsums))
+        if counted.numel() == 0:
+            total = torch.zeros((), device=self.device, dtype=self.dtype)
+        else:
+            total = counted.amax() if math.isinf(norm_type) else counted.sum()
         for pipeline_group in self.pipeline_groups:
             total = all_reduce_powsum(total, norm_type, pipeline_group)
         return powsum_to_norm(total, norm_type)
