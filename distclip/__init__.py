@@ -16,13 +16,22 @@ Entry points:
 
 from distclip._version import __version__
 from distclip.clippers import (
+    AGC,
     AutoClip,
     AutoClipConfig,
     ClipConfig,
     Clipper,
     ClipStats,
+    CoordinateWiseClip,
+    LayerWiseClip,
+    LinearStochAutoClip,
+    LinearStochNormClip,
     NormClip,
     NormClipConfig,
+    QuadraticStochAutoClip,
+    QuadraticStochNormClip,
+    ValueClip,
+    ZClip,
     available_methods,
     make_clipper,
 )
@@ -36,6 +45,7 @@ from distclip.integrations import (
 from distclip.reduction import ReductionPlan, clip_grad_norm_, get_total_norm, mark_shared
 
 __all__ = [
+    "AGC",
     "AutoClip",
     "AutoClipConfig",
     "AutoClippedOptimizer",
@@ -44,11 +54,19 @@ __all__ = [
     "ClipStats",
     "ClippedOptimizer",
     "Clipper",
+    "CoordinateWiseClip",
+    "LayerWiseClip",
+    "LinearStochAutoClip",
+    "LinearStochNormClip",
     "NonFiniteNormError",
     "NormClip",
     "NormClipConfig",
+    "QuadraticStochAutoClip",
+    "QuadraticStochNormClip",
     "RankDesyncError",
     "ReductionPlan",
+    "ValueClip",
+    "ZClip",
     "__version__",
     "attach",
     "available_methods",

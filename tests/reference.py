@@ -56,3 +56,64 @@ class SlowAutoClip:
         if not math.isfinite(norm):
             return tau, 1.0
         return tau, min(1.0, tau / (norm + EPS))
+
+
+class SlowZClip:
+    """ZClip on Python floats, as METHODS.md states it."""
+
+    def __init__(
+        self,
+        alpha=0.97,
+        z_thresh=2.5,
+        warmup_steps=25,
+        max_norm=None,
+        mode="adaptive_scaling",
+        eps=EPS,
+    ):  # type: ignore[no-untyped-def]
+        self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
+        self.max_norm, self.mode, self.eps = max_norm, mode, eps
+        self.warmup: list[float] = []
+        self.mean: float | None = None
+        self.var = 0.0
+
+    def threshold(self, norm: float) -> float:
+        """This step's threshold (inf when no spike); updates the statistics."""
+        tau = math.inf
+        if not math.isfinite(norm):
+            pass
+        elif self.mean is None:
+            self.warmup.append(norm)
+            if len(self.warmup) == self.warmup_steps:
+                self.mean = float(np.mean(self.warmup))
+                self.var = float(np.var(self.warmup))
+        else:
+            std = math.sqrt(self.var)
+            z = (norm - self.mean) / (std + self.eps)
+            if z > self.z_thresh:
+                tau = (
+                    self.mean
+                    if self.mode == "mean"
+                    else self.mean + self.z_thresh * std * self.z_thresh / z
+                )
+            clipped = min(norm, tau)
+            self.mean = self.alpha * self.mean + (1 - self.alpha) * clipped
+            self.var = self.alpha * self.var + (1 - self.alpha) * (clipped - self.mean) ** 2
+        if self.max_norm is not None:
+            tau = min(tau, self.max_norm)
+        return tau
+
+
+def agc_reference(
+    grad: torch.Tensor, weight: torch.Tensor, clip_factor: float, eps: float
+) -> torch.Tensor:
+    """AGC of one tensor, row by row with numpy (whole tensor for vectors)."""
+    g, w = grad.detach().double().numpy().copy(), weight.detach().double().numpy()
+    if g.ndim <= 1:
+        rows_g, rows_w = [g.reshape(-1)], [w.reshape(-1)]
+    else:
+        rows_g, rows_w = list(g.reshape(g.shape[0], -1)), list(w.reshape(w.shape[0], -1))
+    out = []
+    for gr, wr in zip(rows_g, rows_w, strict=True):
+        gn, wn = float(np.linalg.norm(gr)), max(float(np.linalg.norm(wr)), eps)
+        out.append(gr * (clip_factor * wn / max(gn, 1e-6)) if gn > clip_factor * wn else gr)
+    return torch.from_numpy(np.stack(out).reshape(g.shape))

@@ -364,6 +364,8 @@ class Clipper:
         state = self.__dict__.copy()
         # Derived or process-bound: process groups and FSDP modules do not pickle.
         state["_plan"] = None
+        if "_checked_plan" in state:
+            state["_checked_plan"] = None
         state["model"] = None
         state["pipeline_groups"] = None
         return state

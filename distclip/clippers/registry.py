@@ -6,17 +6,35 @@ from typing import Any
 
 import torch
 
+from distclip.clippers.agc import AGC
 from distclip.clippers.autoclip import AutoClip
 from distclip.clippers.base import Clipper, ParamsLike
+from distclip.clippers.elementwise import CoordinateWiseClip, LayerWiseClip, ValueClip
 from distclip.clippers.norm import NormClip
+from distclip.clippers.stochastic import (
+    LinearStochAutoClip,
+    LinearStochNormClip,
+    QuadraticStochAutoClip,
+    QuadraticStochNormClip,
+)
+from distclip.clippers.zclip import ZClip
 
 __all__ = ["METHODS", "available_methods", "make_clipper", "resolve_method"]
 
 #: Canonical names and aliases of the methods this version ships.
 METHODS: dict[str, type[Clipper]] = {
+    "norm": NormClip,
+    "value": ValueClip,
     "autoclip": AutoClip,
     "auto_clip": AutoClip,
-    "norm": NormClip,
+    "linear_stoch_norm": LinearStochNormClip,
+    "quadratic_stoch_norm": QuadraticStochNormClip,
+    "layer_wise": LayerWiseClip,
+    "coordinate_wise": CoordinateWiseClip,
+    "linear_stoch_autoclip": LinearStochAutoClip,
+    "quadratic_stoch_autoclip": QuadraticStochAutoClip,
+    "zclip": ZClip,
+    "agc": AGC,
 }
 
 

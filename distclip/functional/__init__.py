@@ -12,6 +12,7 @@ from distclip.functional.norms import (
     validate_norm_type,
 )
 from distclip.functional.quantile import prefix_quantile
+from distclip.functional.random import step_uniform
 from distclip.functional.scaling import (
     DEFAULT_EPS,
     clip_coefficient,
@@ -29,6 +30,7 @@ __all__ = [
     "prefix_quantile",
     "scale_",
     "skip_aware_coefficient",
+    "step_uniform",
     "tensor_powsums",
     "validate_norm_type",
 ]

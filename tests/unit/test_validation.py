@@ -71,7 +71,7 @@ def test_bad_norm_options(options: dict[str, object], error: type[Exception], ma
 def test_unknown_method_lists_the_valid_ones() -> None:
     with pytest.raises(
         ValueError,
-        match=r"unknown clipping method 'autoclipp'; valid methods: auto_clip, autoclip, norm",
+        match=r"unknown clipping method 'autoclipp'; valid methods: agc, auto_clip, autoclip, coordinate_wise, layer_wise",
     ):
         distclip.ClippedOptimizer(SGD, method="autoclipp")
     with pytest.raises(ValueError, match="unknown clipping method"):

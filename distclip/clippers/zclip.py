@@ -1,0 +1,156 @@
+"""ZClip (Kumar et al. 2025): clip norm spikes detected by a z-score against an EMA."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distclip.clippers.base import Clipper
+from distclip.clippers.config import (
+    ClipConfig,
+    check_choice,
+    check_int,
+    check_positive_finite,
+)
+from distclip.reduction import ReductionPlan
+
+__all__ = ["ZClip", "ZClipConfig"]
+
+ZCLIP_MODES = ("adaptive_scaling", "mean")
+
+
+@dataclass(frozen=True)
+class ZClipConfig(ClipConfig):
+    """Options of ZClip (plus the common ones of :class:`ClipConfig`).
+
+    Attributes:
+        alpha: EMA decay of the norm's mean and variance, in (0, 1) (default 0.97).
+        z_thresh: z-score above which a norm is a spike, > 0 (default 2.5).
+        warmup_steps: finite norms that initialise the mean and variance before any
+            clipping, an integer >= 1 (default 25).
+        max_norm: an absolute cap on the threshold, or None (default: no cap).
+        mode: ``"adaptive_scaling"`` (default: the further the spike, the lower the
+            threshold) or ``"mean"`` (clip spikes to the mean).
+    """
+
+    alpha: float = 0.97
+    z_thresh: float = 2.5
+    warmup_steps: int = 25
+    max_norm: float | None = None
+    mode: str = "adaptive_scaling"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise TypeError(f"alpha must be a real number in (0, 1), got {self.alpha!r}")
+        if not 0.0 < float(self.alpha) < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha!r}")
+        self._set("alpha", float(self.alpha))
+        self._set("z_thresh", check_positive_finite("z_thresh", self.z_thresh))
+        check_int("warmup_steps", self.warmup_steps, minimum=1)
+        self._set("max_norm", check_positive_finite("max_norm", self.max_norm, allow_none=True))
+        check_choice("mode", self.mode, ZCLIP_MODES)
+
+
+class ZClip(Clipper):
+    r"""ZClip: EMA z-score spike detection on the global norm, rank-consistent and checkpointed.
+
+    The first ``warmup_steps`` finite norms are collected without clipping; their
+    mean and (population) variance initialise :math:`\mu` and :math:`v`. Afterwards,
+    with :math:`\sigma = \sqrt{v}` and :math:`z = (n - \mu) / (\sigma + \epsilon)`:
+
+    * if :math:`z > z_{thr}`: :math:`\tau = \mu + z_{thr} \sigma \cdot z_{thr} / z`
+      (``mode="adaptive_scaling"``) or :math:`\tau = \mu` (``mode="mean"``);
+      otherwise :math:`\tau = \infty`; then :math:`\tau = \min(\tau, \text{max\_norm})`;
+    * :math:`c = \min(1, \tau / (n + \epsilon))`;
+    * the EMA is updated with the z-clipped norm :math:`n' = \min(n, \tau_z)` (the
+      spike rule's threshold, before the absolute cap):
+      :math:`\mu \leftarrow \alpha\mu + (1-\alpha) n'`,
+      :math:`v \leftarrow \alpha v + (1-\alpha)(n' - \mu)^2` (with the updated :math:`\mu`).
+
+    NaN/inf norms change nothing (the published code is poisoned by one). State:
+    warm-up buffer, count, :math:`\mu`, :math:`v`, all saved in checkpoints.
+    """
+
+    method = "zclip"
+    class_prefix = "ZClipped"
+    config_cls = ZClipConfig
+    config: ZClipConfig
+
+    def _init_state(self, plan: ReductionPlan) -> None:
+        def zeros(*shape: int, dtype: torch.dtype = plan.dtype) -> Tensor:
+            return torch.zeros(shape, device=plan.device, dtype=dtype)
+
+        self.warmup_norms = zeros(self.config.warmup_steps)
+        self.num_seen = zeros(dtype=torch.long)
+        self.mean = zeros()
+        self.var = zeros()
+
+    def _threshold(self, total_norm: Tensor, finite: Tensor) -> Tensor:
+        cfg = self.config
+        norm = total_norm.to(self.mean.dtype)
+        in_warmup = self.num_seen < cfg.warmup_steps
+        # Warm-up: collect the norm; the step that fills the buffer initialises mu, v.
+        position = self.num_seen.clamp(max=cfg.warmup_steps - 1).reshape(1)
+        collect = finite & in_warmup
+        current = self.warmup_norms.gather(0, position)
+        self.warmup_norms.scatter_(0, position, torch.where(collect, norm.reshape(1), current))
+        self.num_seen.add_(finite.to(torch.long))
+        completes = collect & (self.num_seen == cfg.warmup_steps)
+        mean = torch.where(completes, self.warmup_norms.mean(), self.mean)
+        var = torch.where(completes, self.warmup_norms.var(unbiased=False), self.var)
+        # After warm-up: z-score against the EMA as it was before this step.
+        active = finite & ~in_warmup
+        std = var.sqrt()
+        z = (norm - mean) / (std + cfg.eps)
+        spike = active & (z > cfg.z_thresh)
+        if cfg.mode == "mean":
+            spike_threshold = mean
+        else:
+            spike_threshold = mean + cfg.z_thresh * std * cfg.z_thresh / z
+        inf = torch.full_like(norm, math.inf)
+        z_threshold = torch.where(spike, spike_threshold, inf)
+        clipped_norm = torch.minimum(norm, z_threshold)
+        new_mean = cfg.alpha * mean + (1.0 - cfg.alpha) * clipped_norm
+        new_var = cfg.alpha * var + (1.0 - cfg.alpha) * (clipped_norm - new_mean) ** 2
+        self.mean.copy_(torch.where(active, new_mean, mean))
+        self.var.copy_(torch.where(active, new_var, var))
+        threshold = z_threshold
+        if cfg.max_norm is not None:
+            threshold = threshold.clamp(max=cfg.max_norm)
+        return threshold.to(total_norm.dtype)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "warmup_norms": self.warmup_norms,
+            "num_seen": self.num_seen,
+            "mean": self.mean,
+            "var": self.var,
+        }
+
+    def _validate_state(self, state: dict[str, Any]) -> None:
+        size = self.config.warmup_steps
+        expected = {"warmup_norms": (size,), "num_seen": (), "mean": (), "var": ()}
+        for key, shape in expected.items():
+            value = state.get(key)
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                raise ValueError(
+                    f"a zclip state needs '{key}' as a tensor of shape {shape} "
+                    f"(warmup_steps={size}), got {value!r:.80}"
+                )
+        if state["num_seen"].is_floating_point() or int(state["num_seen"]) < 0:
+            raise ValueError(f"zclip 'num_seen' must be an integer >= 0, got {state['num_seen']!r}")
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        device = self.mean.device
+        for key in ("warmup_norms", "mean", "var"):
+            setattr(self, key, state[key].detach().to(device, copy=True))
+        self.num_seen = state["num_seen"].detach().to(device, torch.long, copy=True)
+
+    def _reset_state(self) -> None:
+        for tensor in (self.warmup_norms, self.num_seen, self.mean, self.var):
+            tensor.zero_()
