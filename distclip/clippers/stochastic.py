@@ -58,16 +58,27 @@ def stochastic_coefficient(
     return torch.where(clipped, ratio, torch.ones_like(ratio)), clipped
 
 
+def _check_draw_options(config: Any) -> None:
+    """Validate ``beta`` and ``seed`` of a stochastic method's configuration."""
+    config._set("beta", _check_beta(config.beta))
+    check_int("seed", config.seed, minimum=0)
+
+
 class _Stochastic:
-    """Shared by the four stochastic methods: the draw and the scaling."""
+    """Shared by the four stochastic methods: the draw and the scaling around a level."""
 
     power: int
     config: Any
     num_steps: int
 
-    def _stochastic_apply(
-        self, plan: ReductionPlan, total_norm: Tensor, finite: Tensor, level: Tensor
+    def _level(self, total_norm: Tensor, finite: Tensor) -> Tensor:
+        """This step's level (the fixed ``max_norm``, or AutoClip's threshold)."""
+        raise NotImplementedError
+
+    def _apply(
+        self, plan: ReductionPlan, total_norm: Tensor, finite: Tensor, measured: Any
     ) -> tuple[Tensor, Tensor, Tensor | None]:
+        level = self._level(total_norm, finite)
         u = step_uniform(self.config.seed, self.num_steps, total_norm.device)
         coef, clipped = stochastic_coefficient(
             total_norm, level, self.config.beta, self.power, u, finite
@@ -93,8 +104,7 @@ class StochNormConfig(ClipConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._set("max_norm", check_positive_finite("max_norm", self.max_norm))
-        self._set("beta", _check_beta(self.beta))
-        check_int("seed", self.seed, minimum=0)
+        _check_draw_options(self)
 
 
 class LinearStochNormClip(_Stochastic, Clipper):
@@ -106,11 +116,8 @@ class LinearStochNormClip(_Stochastic, Clipper):
     config: StochNormConfig
     power = 1
 
-    def _apply(
-        self, plan: ReductionPlan, total_norm: Tensor, finite: Tensor, measured: Any
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        level = torch.full_like(total_norm, self.config.max_norm)
-        return self._stochastic_apply(plan, total_norm, finite, level)
+    def _level(self, total_norm: Tensor, finite: Tensor) -> Tensor:
+        return torch.full_like(total_norm, self.config.max_norm)
 
 
 class QuadraticStochNormClip(LinearStochNormClip):
@@ -131,8 +138,7 @@ class StochAutoClipConfig(AutoClipConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._set("beta", _check_beta(self.beta))
-        check_int("seed", self.seed, minimum=0)
+        _check_draw_options(self)
 
 
 class LinearStochAutoClip(_Stochastic, AutoClip):
@@ -144,11 +150,8 @@ class LinearStochAutoClip(_Stochastic, AutoClip):
     config: StochAutoClipConfig
     power = 1
 
-    def _apply(
-        self, plan: ReductionPlan, total_norm: Tensor, finite: Tensor, measured: Any
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        level = self._threshold(total_norm, finite)
-        return self._stochastic_apply(plan, total_norm, finite, level)
+    def _level(self, total_norm: Tensor, finite: Tensor) -> Tensor:
+        return self._threshold(total_norm, finite)
 
 
 class QuadraticStochAutoClip(LinearStochAutoClip):
