@@ -41,6 +41,7 @@ from distclip.integrations import (
     ClipHandle,
     ClippedOptimizer,
     attach,
+    get_clipper,
 )
 from distclip.reduction import ReductionPlan, clip_grad_norm_, get_total_norm, mark_shared
 
@@ -71,6 +72,7 @@ __all__ = [
     "attach",
     "available_methods",
     "clip_grad_norm_",
+    "get_clipper",
     "get_total_norm",
     "make_clipper",
     "mark_shared",

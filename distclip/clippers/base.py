@@ -143,6 +143,8 @@ class Clipper:
         self.params = as_param_list(params)
         self._plan: ReductionPlan | None = None
         self.num_steps = 0
+        #: The :class:`ClipStats` of the last :meth:`clip_` (``None`` before the first).
+        self.last_stats: ClipStats | None = None
         plan = self.plan  # built now: an unsupported layout is refused at construction
         self.num_skipped = torch.zeros((), dtype=torch.long, device=plan.device)
         self.num_clipped = torch.zeros((), dtype=torch.long, device=plan.device)
@@ -198,7 +200,8 @@ class Clipper:
         self.num_steps += 1
         if self._check_due():
             self.check_consistency()
-        return ClipStats(total_norm, threshold, coef, skipped, self.num_steps)
+        self.last_stats = ClipStats(total_norm, threshold, coef, skipped, self.num_steps)
+        return self.last_stats
 
     def _measure(self, plan: ReductionPlan) -> tuple[Tensor, Any]:
         """The global norm (0-dim) and whatever else the method measured on the way."""

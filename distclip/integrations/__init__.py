@@ -1,7 +1,7 @@
 """Thin glue between clippers and training code; no math lives here."""
 
 from distclip.integrations.binding import STATE_KEY, OptimizerBinding
-from distclip.integrations.hooks import ClipHandle, attach
+from distclip.integrations.hooks import ClipHandle, attach, get_clipper
 from distclip.integrations.optimizer import (
     AutoClippedOptimizer,
     ClippedOptimizer,
@@ -16,4 +16,5 @@ __all__ = [
     "ClippedOptimizerMixin",
     "OptimizerBinding",
     "attach",
+    "get_clipper",
 ]

@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from distclip.clippers import Clipper, make_clipper
 from distclip.integrations.binding import OptimizerBinding, evaluate_closure
 
-__all__ = ["ClipHandle", "attach"]
+__all__ = ["ClipHandle", "attach", "get_clipper"]
 
 
 class ClipHandle:
@@ -145,3 +145,21 @@ def attach(
     optimizer._distclip = binding  # type: ignore[attr-defined]
     optimizer.last_clip = None  # type: ignore[attr-defined]
     return ClipHandle(optimizer, binding, hooks)
+
+
+def get_clipper(optimizer: Optimizer) -> Clipper:
+    """The clipper of ``optimizer`` (made by :func:`ClippedOptimizer` or :func:`attach`).
+
+    Typed access for code that holds the optimizer as a plain ``torch.optim.Optimizer``:
+    ``distclip.get_clipper(opt).last_stats`` is ``opt.last_clip``.
+
+    Raises:
+        ValueError: ``optimizer`` does not clip with distclip.
+    """
+    binding = getattr(optimizer, "_distclip", None)
+    if not isinstance(binding, OptimizerBinding):
+        raise ValueError(
+            f"{type(optimizer).__name__} does not clip with distclip; build it with "
+            "distclip.ClippedOptimizer(...) or call distclip.attach(optimizer) first"
+        )
+    return binding.clipper

@@ -99,7 +99,9 @@ def test_prefix_quantile_is_torch_quantile_bit_for_bit(
     expected = torch.quantile(buffer[:num_valid], q)
     assert torch.equal(got, expected), (got, expected)
     reference = np.quantile(np.asarray(values[:num_valid], dtype=np.float64), q, method="linear")
-    assert float(got) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    # float32 interpolation: the error scales with the largest value interpolated.
+    scale = max(values[:num_valid])
+    assert float(got) == pytest.approx(reference, rel=1e-5, abs=1e-6 * max(scale, 1.0))
 
 
 def test_prefix_quantile_of_nothing_is_inf() -> None:

@@ -315,3 +315,18 @@ def test_skipped_first_step_leaves_no_optimizer_state(opt_cls, kwargs) -> None: 
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
     for p, r in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, r)
+
+
+def test_get_clipper_gives_typed_access() -> None:
+    model = _model()
+    opt = distclip.AutoClippedOptimizer(torch.optim.SGD, q=0.5, window=3)(
+        model.parameters(), lr=0.1
+    )
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="does not clip with distclip"):
+        distclip.get_clipper(plain)
+    handle = distclip.attach(plain, q=0.5, window=3)
+    assert distclip.get_clipper(plain) is handle.clipper
+    assert distclip.get_clipper(opt) is opt.clipper
+    _train(opt, model, _batches(2))
+    assert distclip.get_clipper(opt).last_stats is opt.last_clip
