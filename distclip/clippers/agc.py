@@ -63,6 +63,7 @@ class AGC(Clipper):
     """
 
     method = "agc"
+    supports_external_norm = False
     class_prefix = "AGCClipped"
     config_cls = AGCConfig
     config: AGCConfig

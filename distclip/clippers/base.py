@@ -193,15 +193,8 @@ class Clipper:
                 "such steps instead of raising."
             )
         threshold, coef, clipped = self._apply(plan, total_norm, finite, measured)
-        skipped = ~finite
-        self.num_skipped.add_(skipped.to(self.num_skipped.device, torch.long))
-        if clipped is not None:
-            self.num_clipped.add_((finite & clipped).to(self.num_clipped.device, torch.long))
-        self.num_steps += 1
-        if self._check_due():
-            self.check_consistency()
-        self.last_stats = ClipStats(total_norm, threshold, coef, skipped, self.num_steps)
-        return self.last_stats
+        self._count(finite, clipped)
+        return self._finish_step(total_norm, threshold, coef, ~finite)
 
     def _measure(self, plan: ReductionPlan) -> tuple[Tensor, Any]:
         """The global norm (0-dim) and whatever else the method measured on the way."""
@@ -226,6 +219,66 @@ class Clipper:
     def _scale(self, plan: ReductionPlan, coef: Tensor) -> None:
         """Multiply every local gradient by the 0-dim ``coef``."""
         scale_(plan.grads(), coef, foreach=self.config.foreach)
+
+    #: Whether the method's rule is one global factor ``min(1, threshold / (n + eps))``,
+    #: so that a norm computed elsewhere (DeepSpeed's) can drive it: see :meth:`observe_`.
+    supports_external_norm: ClassVar[bool] = True
+
+    @torch.no_grad()
+    def observe_(self, total_norm: Tensor) -> ClipStats:
+        """Take a global norm computed elsewhere and return this step's threshold.
+
+        For engines that compute the pre-clip global norm themselves and then clip by
+        ``min(1, threshold / (n + eps))`` (DeepSpeed's optimizers): the norm updates
+        the state exactly as in :meth:`clip_` (window first, NaN/inf ignored, counters,
+        consistency checks), but no gradient is touched. The caller applies
+        ``stats.threshold``. ``total_norm`` is cast to the state's dtype first, so a
+        float64 norm gives the thresholds a float32 native run gives.
+
+        Raises:
+            NotImplementedError: the method needs more than the global norm.
+            NonFiniteNormError: as in :meth:`clip_`.
+        """
+        if not self.supports_external_norm:
+            raise NotImplementedError(
+                f"distclip: method {self.method!r} needs per-tensor or per-element gradients, "
+                "not only the global norm, so it cannot be driven by an engine's own norm"
+            )
+        total_norm = total_norm.detach().to(self.plan.device, self.plan.dtype).reshape(())
+        finite = torch.isfinite(total_norm)
+        if self.config.nonfinite == "error" and not bool(finite):
+            raise NonFiniteNormError(
+                f"the global gradient norm is {float(total_norm)} at step "
+                f"{self.num_steps + 1}; nothing was modified. Use nonfinite='skip' to skip "
+                "such steps instead of raising."
+            )
+        threshold, coef, clipped = self._external_threshold(total_norm, finite)
+        self._count(finite, clipped)
+        return self._finish_step(total_norm, threshold, coef, ~finite)
+
+    def _external_threshold(
+        self, total_norm: Tensor, finite: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(threshold, clip_coef, clipped)`` for :meth:`observe_`; updates the state."""
+        threshold = self._threshold(total_norm, finite)
+        coef = skip_aware_coefficient(
+            clip_coefficient(threshold, total_norm, self.config.eps), finite
+        )
+        return threshold, coef, total_norm > threshold
+
+    def _count(self, finite: Tensor, clipped: Tensor | None) -> None:
+        self.num_skipped.add_((~finite).to(self.num_skipped.device, torch.long))
+        if clipped is not None:
+            self.num_clipped.add_((finite & clipped).to(self.num_clipped.device, torch.long))
+
+    def _finish_step(
+        self, total_norm: Tensor, threshold: Tensor, coef: Tensor, skipped: Tensor
+    ) -> ClipStats:
+        self.num_steps += 1
+        if self._check_due():
+            self.check_consistency()
+        self.last_stats = ClipStats(total_norm, threshold, coef, skipped, self.num_steps)
+        return self.last_stats
 
     def _check_due(self) -> bool:
         every = self.config.check_every

@@ -43,6 +43,7 @@ class ValueClip(Clipper):
     """
 
     method = "value"
+    supports_external_norm = False
     class_prefix = "ValueClipped"
     config_cls = ValueConfig
     config: ValueConfig
@@ -95,6 +96,7 @@ class LayerWiseClip(Clipper):
     """
 
     method = "layer_wise"
+    supports_external_norm = False
     class_prefix = "LayerWiseClipped"
     config_cls = LayerWiseConfig
     config: LayerWiseConfig

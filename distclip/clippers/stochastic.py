@@ -75,6 +75,23 @@ class _Stochastic:
         """This step's level (the fixed ``max_norm``, or AutoClip's threshold)."""
         raise NotImplementedError
 
+    def _external_threshold(
+        self, total_norm: Tensor, finite: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The draw as a threshold for ``min(1, threshold / (n + eps))``.
+
+        A clipping draw gives ``level * (n + eps) / n`` (so the engine's factor is
+        exactly ``level / n``); any other gives ``inf``.
+        """
+        level = self._level(total_norm, finite)
+        u = step_uniform(self.config.seed, self.num_steps, total_norm.device)
+        coef, clipped = stochastic_coefficient(
+            total_norm, level, self.config.beta, self.power, u, finite
+        )
+        exact = level * (total_norm + self.config.eps) / total_norm
+        infinite = torch.full_like(level, float("inf"))
+        return torch.where(clipped, exact, infinite), coef, clipped
+
     def _apply(
         self, plan: ReductionPlan, total_norm: Tensor, finite: Tensor, measured: Any
     ) -> tuple[Tensor, Tensor, Tensor | None]:

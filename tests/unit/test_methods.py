@@ -245,3 +245,33 @@ def test_every_method_has_a_class_named_after_it() -> None:
         cls = distclip.ClippedOptimizer(torch.optim.SGD, method=method)
         assert issubclass(cls, torch.optim.SGD)
         assert cls.__name__.endswith("SGD")
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("norm", {"max_norm": 1.5}),
+        ("autoclip", {"q": 0.3, "window": 9, "max_norm": 6.0}),
+        ("linear_stoch_norm", {"max_norm": 1.0, "seed": 2}),
+        ("quadratic_stoch_autoclip", {"q": 0.4, "window": 5, "seed": 2}),
+        ("zclip", {"warmup_steps": 5}),
+    ],
+)
+def test_external_norm_drives_the_same_rule(method: str, options: dict[str, object]) -> None:
+    """observe_(n), as an engine with its own norm uses it, reproduces the native factors."""
+    fed = distclip.make_clipper(method, _params(), **options)
+    for step, (_, _, grads, _, opt) in enumerate(_run(method, steps=60, **options)):
+        n = torch.tensor(norm_of(grads), dtype=torch.float64)
+        stats = fed.observe_(n)
+        engine_coef = min(1.0, float(stats.threshold) / (float(n) + 1e-6))
+        assert engine_coef == pytest.approx(float(opt.last_clip.clip_coef), rel=1e-9), step
+    assert torch.equal(fed.num_clipped, opt.clipper.num_clipped)
+    for mine, theirs in zip(fed._state_tensors(), opt.clipper._state_tensors(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", ["value", "coordinate_wise", "layer_wise", "agc"])
+def test_external_norm_is_refused_where_the_rule_needs_more(method: str) -> None:
+    clipper = distclip.make_clipper(method, _params())
+    with pytest.raises(NotImplementedError, match=f"method '{method}' needs per-tensor"):
+        clipper.observe_(torch.tensor(1.0))
