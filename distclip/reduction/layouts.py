@@ -11,9 +11,12 @@ rank's local part is counted at all (a copy held by several ranks is counted on 
   the replicas already agree). Flat parameters do not know their group, so the FSDP
   root module must be given (``model=``);
 * DTensors (FSDP2, tensor parallel, 2-D meshes, HSDP): reduced over the full group of
-  the mesh they live on (with no pipeline groups: the root mesh, so parameters on
-  sub-meshes share the one collective); along every mesh dimension where the
-  gradient is not sharded only the rank at coordinate 0 counts its copy;
+  the mesh they live on; along every mesh dimension where the gradient is not
+  sharded only the rank at coordinate 0 counts its copy. Without pipeline groups, a
+  parameter on a sub-mesh is reduced over the root mesh instead (one collective for
+  all), counted once along the root's other dimensions, but only when some
+  parameter lives on those dimensions (they are then data or tensor parallel, not
+  pipeline stages);
 * parameters marked shared (Megatron's ``param.shared = True`` on the second copy of
   a tied weight, or :func:`mark_shared`) are scaled but not counted.
 """
@@ -111,7 +114,23 @@ def _mesh_group(mesh: Any) -> Any:
     return mesh._flatten().get_group()
 
 
-def _classify_dtensor(param: Tensor, fold_into_root: bool) -> Placement:
+def _root_of(mesh: Any) -> Any:
+    return mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+
+
+def mesh_dims_in_use(params: Sequence[Tensor]) -> dict[int, frozenset[str]]:
+    """For each root mesh (by id), the named dimensions some DTensor parameter lives on."""
+    used: dict[int, set[str]] = {}
+    for param in params:
+        if is_dtensor(param):
+            mesh = param.device_mesh  # type: ignore[attr-defined]
+            used.setdefault(id(_root_of(mesh)), set()).update(mesh.mesh_dim_names or ())
+    return {key: frozenset(names) for key, names in used.items()}
+
+
+def _classify_dtensor(
+    param: Tensor, fold_into_root: bool, dims_in_use: dict[int, frozenset[str]]
+) -> Placement:
     mesh = param.device_mesh  # type: ignore[attr-defined]
     placements = param.placements  # type: ignore[attr-defined]
     if any(p.is_partial() for p in placements):
@@ -124,9 +143,14 @@ def _classify_dtensor(param: Tensor, fold_into_root: bool) -> Placement:
     names = mesh.mesh_dim_names
     reduce_mesh = mesh
     if fold_into_root:
-        root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+        # A parameter on a sub-mesh is a copy along the root's other dimensions only if
+        # some parameter lives on them (TP next to FSDP); a dimension nobody lives on
+        # may hold different parameters (pipeline stages): never fold across it.
+        root = _root_of(mesh)
         if root is not mesh and names is not None and root.mesh_dim_names is not None:
-            reduce_mesh = root
+            missing = set(root.mesh_dim_names) - set(names)
+            if missing <= dims_in_use.get(id(root), frozenset()):
+                reduce_mesh = root
     if reduce_mesh is mesh:
         sharded = is_split
     else:
@@ -146,6 +170,7 @@ def classify(
     *,
     fsdp1: dict[int, Placement] | None,
     fold_into_root: bool,
+    dims_in_use: dict[int, frozenset[str]] | None = None,
 ) -> Placement:
     """The placement of one parameter; refuses layouts it cannot reduce correctly.
 
@@ -155,7 +180,7 @@ def classify(
     """
     placement: Placement
     if is_dtensor(param):
-        placement = _classify_dtensor(param, fold_into_root)
+        placement = _classify_dtensor(param, fold_into_root, dims_in_use or {})
     elif fsdp1 is not None and id(param) in fsdp1:
         placement = fsdp1[id(param)]
     elif is_fsdp1_param(param):

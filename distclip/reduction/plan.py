@@ -34,6 +34,7 @@ from distclip.reduction.layouts import (
     fsdp1_groups,
     is_dtensor,
     is_fsdp1_param,
+    mesh_dims_in_use,
 )
 
 __all__ = ["GradGroup", "ReductionPlan"]
@@ -125,9 +126,12 @@ class ReductionPlan:
         fsdp1 = (
             fsdp1_groups(model) if model is not None and any(map(is_fsdp1_param, params)) else None
         )
+        dims_in_use = mesh_dims_in_use(params)
         by_group: dict[tuple[str, int], tuple[str, Any, list[Tensor], list[bool], list[bool]]] = {}
         for param in params:
-            placement = classify(param, fsdp1=fsdp1, fold_into_root=not pipeline)
+            placement = classify(
+                param, fsdp1=fsdp1, fold_into_root=not pipeline, dims_in_use=dims_in_use
+            )
             key = (
                 placement.kind if placement.process_group is None else "sharded",
                 id(placement.process_group),

@@ -30,3 +30,17 @@ def group2() -> Iterator[ProcessGroupHarness]:
         exitcodes = group.close()
     if was_healthy:
         assert exitcodes == [0, 0], f"workers did not exit cleanly: exit codes {exitcodes}"
+
+
+@pytest.fixture(scope="module")
+def group4() -> Iterator[ProcessGroupHarness]:
+    """Four gloo ranks (2x2 meshes), started once per test module; checks they exit cleanly."""
+    group = ProcessGroupHarness(world_size=4)
+    try:
+        group.start()
+        yield group
+    finally:
+        was_healthy = group.running
+        exitcodes = group.close()
+    if was_healthy:
+        assert exitcodes == [0, 0, 0, 0], f"workers did not exit cleanly: exit codes {exitcodes}"

@@ -1,0 +1,169 @@
+"""What the sharded-layout tests assert about a run, shared by the 2- and 4-rank modules.
+
+:func:`check_run` compares the per-rank results of ``workers_layouts.train`` with
+each other (bit for bit: the clip statistics and the window come from the same
+reduced values on every rank) and with the single-process reference (1e-5
+relative), checks the collectives of every ``step()`` and the functional drop-ins.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from layouts_reference import EPS, Reference, norm_of, reference_grads, reference_train
+from layouts_setup import STAGE_PARAMS
+from workers_layouts import FUNCTIONAL_MAX_NORM
+
+RTOL = 1e-5
+
+
+@functools.cache
+def _reference(key: tuple[Any, ...]) -> Reference:
+    kind, steps, q, window, norm_type, lr, momentum = key
+    return reference_train(
+        kind, steps=steps, q=q, window=window, norm_type=norm_type, lr=lr, momentum=momentum
+    )
+
+
+def reference_for(spec: dict[str, Any]) -> Reference:
+    """The reference run of ``spec`` (cached: several layouts share one)."""
+    keys = ("kind", "steps", "q", "window", "norm_type", "lr", "momentum")
+    return _reference(tuple(spec[k] for k in keys))
+
+
+@functools.cache
+def _grads(kind: str) -> dict[str, torch.Tensor]:
+    return reference_grads(kind, 0)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach().contiguous()
+    if tensor.is_floating_point():
+        return tensor.view({8: torch.int64, 4: torch.int32}[tensor.element_size()])
+    return tensor
+
+
+def assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.shape == b.shape, f"{what}: shapes {a.shape} vs {b.shape}"
+    assert torch.equal(_bits(a), _bits(b)), f"{what}: not bit-identical:\n{a}\n{b}"
+
+
+def assert_rel_close(actual: Any, expected: Any, what: str, rtol: float = RTOL) -> None:
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=0.0, msg=lambda m: f"{what}: {m}")
+
+
+def max_rel_error(actual: torch.Tensor, expected: list[float]) -> float:
+    """The largest ``|a - e| / |e|`` over the steps (for the report)."""
+    a = actual.double()
+    e = torch.tensor(expected, dtype=torch.float64)
+    return float(((a - e).abs() / e.abs()).max())
+
+
+def expected_names(spec: dict[str, Any], result: dict[str, Any]) -> set[str]:
+    """The parameters this rank holds, by their names in the unsharded model."""
+    if spec["layout"] == "pipeline":
+        return set(STAGE_PARAMS[result["info"]["stage"]])
+    return set(_grads(spec["kind"]))
+
+
+def check_collectives(result: dict[str, Any], expected: int, check_first_step: bool) -> None:
+    """Each ``step()`` issued exactly ``expected`` all-reduces and nothing else.
+
+    The first step also all-gathers the state checksum once if ``check_first_step``.
+    Counted twice: by wrappers around the ``torch.distributed`` functions and by
+    ``CommDebugMode`` (every c10d op, functional collectives included).
+    """
+    assert result["same_all_reduce"], "distclip does not call torch.distributed.all_reduce"
+    assert result["num_collectives"] == expected, result["plan"]
+    first = {"all_reduce": expected, "debug_all_reduce": expected, "debug_total": expected}
+    if check_first_step:
+        first = {**first, "all_gather": 1, "debug_total": expected + 1}
+    later = {"all_reduce": expected, "debug_all_reduce": expected, "debug_total": expected}
+    for step, counts in enumerate(result["counts"]):
+        want = first if step == 0 else later
+        got = {k: v for k, v in counts.items() if v}
+        assert got == {k: v for k, v in want.items() if v}, f"step {step + 1}: {counts}"
+
+
+def check_functional(spec: dict[str, Any], result: dict[str, Any], expected: int) -> None:
+    """``get_total_norm`` / ``clip_grad_norm_`` on step 0's gradients equal the reference."""
+    functional = result["functional"]
+    grads = _grads(spec["kind"])
+    norms = {p: norm_of(grads.values(), p) for p in (2.0, math.inf)}
+    for p, norm in norms.items():
+        assert_rel_close(functional["norms"][p], norm, f"get_total_norm(norm_type={p})")
+        assert functional["counts"][p].get("all_reduce", 0) == expected, functional["counts"][p]
+        assert functional["counts"][p]["debug_total"] == expected, functional["counts"][p]
+    assert functional["plan_num_collectives"] == expected
+    norm = norms[spec["norm_type"]]
+    assert_rel_close(functional["clip_returned"], norm, "clip_grad_norm_'s returned norm")
+    coef = min(1.0, FUNCTIONAL_MAX_NORM / (norm + EPS))
+    assert coef < 0.5, f"max_norm={FUNCTIONAL_MAX_NORM} should clip (coef {coef})"
+    clipped = functional["clipped_grads"]
+    assert set(clipped) == expected_names(spec, result)
+    for name, grad in clipped.items():
+        torch.testing.assert_close(
+            grad,
+            grads[name] * coef,
+            rtol=RTOL,
+            atol=1e-6,
+            msg=lambda m, name=name: f"clipped grad of {name}: {m}",
+        )
+    if spec["layout"] == "pipeline":
+        # Without the mark the tied weight would count twice: the mark is what matters.
+        doubled = math.sqrt(norms[2.0] ** 2 + float(grads["tied"].double().pow(2).sum()))
+        assert_rel_close(functional["unmarked_norm"], doubled, "norm with the mark removed")
+        assert doubled > norms[2.0] * 1.001
+
+
+def check_run(
+    spec: dict[str, Any], results: list[dict[str, Any]], expected_collectives: int
+) -> dict[str, Any]:
+    """Every assertion about one layout's run; returns a summary row for the report."""
+    ref = reference_for(spec)
+    steps = spec["steps"]
+    first = results[0]
+    # Identical on every rank, bit for bit.
+    for result in results[1:]:
+        rank = result["rank"]
+        for name in ("total_norm", "threshold", "clip_coef", "skipped"):
+            assert_bitwise(result["records"][name], first["records"][name], f"rank {rank} {name}")
+        assert_bitwise(result["window"], first["window"], f"rank {rank} window")
+    # Equal to the reference, step by step.
+    for result in results:
+        records = result["records"]
+        assert not bool(records["skipped"].any())
+        for name in ("total_norm", "threshold", "clip_coef"):
+            assert_rel_close(records[name], getattr(ref, name), f"rank {result['rank']} {name}")
+        assert_rel_close(result["window"], ref.window, f"rank {result['rank']} window")
+        assert set(result["params"]) == expected_names(spec, result)
+        for name, value in result["params"].items():
+            what = f"rank {result['rank']} final {name}"
+            torch.testing.assert_close(
+                value,
+                ref.params[name],
+                rtol=RTOL,
+                atol=RTOL,
+                msg=lambda m, what=what: f"{what}: {m}",
+            )
+        check_collectives(result, expected_collectives, spec["check_first_step"])
+        if spec["functional"]:
+            check_functional(spec, result, expected_collectives)
+    # The run clipped often, left some steps alone, and the window wrapped.
+    coefs = first["records"]["clip_coef"]
+    assert int((coefs < 0.99).sum()) >= 5, coefs
+    assert ref.num_clipped() >= 5, ref.clip_coef
+    assert int((coefs == 1.0).sum()) >= 3, coefs
+    assert steps > spec["window"] == first["window"].numel()
+    return {
+        "max_rel_norm_error": max(
+            max_rel_error(r["records"]["total_norm"], ref.total_norm) for r in results
+        ),
+        "thresholds_identical": True,
+        "collectives_per_step": expected_collectives,
+    }

@@ -1,0 +1,296 @@
+"""Functions run on every rank by ``test_layouts.py`` and ``test_layouts_4ranks.py``.
+
+Each builds a layout (``layouts_build``), runs distclip on it and returns plain
+tensors and numbers: per-step clip statistics, the collectives each ``step()``
+issued, the gathered final parameters, and what torch's own functions do on the
+same gradients. Nothing here asserts: the tests compare with the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from layouts_build import Prepared, build
+
+import distclip
+import distclip.reduction.collectives
+
+STATS_FIELDS = ("total_norm", "threshold", "clip_coef", "skipped")
+
+#: ``torch.distributed`` collectives counted around a ``step()``.
+C10D_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "reduce_scatter_tensor",
+    "reduce",
+    "broadcast",
+    "barrier",
+    "all_to_all_single",
+    "send",
+    "recv",
+)
+
+#: ``clip_grad_norm_``'s ``max_norm`` in the functional checks (below every first norm).
+FUNCTIONAL_MAX_NORM = 1.0
+
+
+def _quiet() -> None:
+    # FSDP2 over TP warns that Linear returns a view; FSDP1 warns about its own
+    # deprecation. Neither matters here.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _same_all_reduce() -> bool:
+    """distclip's ``dist.all_reduce`` is the ``torch.distributed`` attribute counted here."""
+    return (
+        distclip.reduction.collectives.dist is dist
+        and dist.all_reduce is dist.distributed_c10d.all_reduce
+    )
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[Counter[str]]:
+    """Count ``torch.distributed`` collectives called inside the block, two ways.
+
+    Each function of :data:`C10D_COLLECTIVES` is replaced by a counting wrapper on
+    the ``torch.distributed`` module (distclip calls ``dist.all_reduce`` through it),
+    and ``CommDebugMode`` counts the c10d ops that reach the dispatcher (functional
+    collectives of DTensor included): ``debug_all_reduce`` and ``debug_total``.
+    """
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    counts: Counter[str] = Counter()
+    originals = {name: getattr(dist, name) for name in C10D_COLLECTIVES}
+
+    def counting(name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(dist, name, counting(name, fn))
+    debug = CommDebugMode()
+    try:
+        with debug:
+            yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    by_op = {str(op): n for op, n in debug.get_comm_counts().items()}
+    counts["debug_all_reduce"] = sum(n for op, n in by_op.items() if "allreduce" in op)
+    counts["debug_total"] = sum(by_op.values())
+
+
+def _zero_grads(prepared: Prepared) -> None:
+    for p in prepared.params:
+        p.grad = None
+
+
+def _unmarked_norm(prepared: Prepared) -> torch.Tensor | None:
+    """The norm with the tied copy's ``shared`` mark removed (it then counts twice)."""
+    marked = [p for p in prepared.params if getattr(p, "shared", False)]
+    if not marked and prepared.pipeline_groups is None:
+        return None
+    for p in marked:
+        del p.shared
+    try:
+        return distclip.get_total_norm(prepared.params, **prepared.layout_kwargs)
+    finally:
+        for p in marked:
+            p.shared = True
+
+
+def functional_checks(prepared: Prepared, norm_type: float) -> dict[str, Any]:
+    """``get_total_norm`` (2 and inf) and ``clip_grad_norm_`` on step 0's gradients.
+
+    The gradients are left cleared (``None``) and the parameters untouched.
+    """
+    prepared.backward(0)
+    kwargs = prepared.layout_kwargs
+    out: dict[str, Any] = {"norms": {}, "counts": {}}
+    for p in (2.0, math.inf):
+        with count_collectives() as counts:
+            out["norms"][p] = distclip.get_total_norm(prepared.params, p, **kwargs)
+        out["counts"][p] = dict(counts)
+    out["unmarked_norm"] = _unmarked_norm(prepared)
+    out["clip_returned"] = distclip.clip_grad_norm_(
+        prepared.params, FUNCTIONAL_MAX_NORM, norm_type, **kwargs
+    )
+    out["clipped_grads"] = prepared.full_grads()
+    out["plan_num_collectives"] = distclip.ReductionPlan.build(
+        prepared.params, **kwargs
+    ).num_collectives
+    _zero_grads(prepared)
+    return out
+
+
+def make_optimizer(
+    prepared: Prepared, spec: dict[str, Any]
+) -> tuple[torch.optim.Optimizer, distclip.Clipper]:
+    """AutoClip + SGD over the layout's parameters, as a subclass or attached."""
+    clip = {
+        "q": spec["q"],
+        "window": spec["window"],
+        "norm_type": spec["norm_type"],
+        "check_first_step": spec["check_first_step"],
+    }
+    sgd = {"lr": spec["lr"], "momentum": spec["momentum"], "foreach": spec["foreach"]}
+    if spec["integration"] == "attach":
+        optimizer = torch.optim.SGD(prepared.params, **sgd)
+        handle = distclip.attach(optimizer, **clip, **prepared.layout_kwargs)
+        return optimizer, handle.clipper
+    cls = distclip.AutoClippedOptimizer(torch.optim.SGD, **clip)
+    optimizer = cls(prepared.params, **sgd, **prepared.layout_kwargs)
+    return optimizer, optimizer.clipper  # type: ignore[attr-defined]
+
+
+def train(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build ``spec``'s layout, optionally run the functional checks, then train.
+
+    Returns this rank's per-step clip statistics (0-dim tensors stacked), the
+    collectives of every ``step()``, the gathered final parameters and window.
+    """
+    _quiet()
+    prepared = build(spec)
+    result: dict[str, Any] = {
+        "rank": dist.get_rank(),
+        "info": prepared.info,
+        "same_all_reduce": _same_all_reduce(),
+    }
+    if spec["functional"]:
+        result["functional"] = functional_checks(prepared, spec["norm_type"])
+    optimizer, clipper = make_optimizer(prepared, spec)
+    records: dict[str, list[torch.Tensor]] = {name: [] for name in STATS_FIELDS}
+    counts: list[dict[str, int]] = []
+    for step in range(spec["steps"]):
+        optimizer.zero_grad(set_to_none=True)
+        prepared.backward(step)
+        with count_collectives() as step_counts:
+            optimizer.step()
+        counts.append(dict(step_counts))
+        for name in STATS_FIELDS:
+            records[name].append(getattr(optimizer.last_clip, name).detach().clone())  # type: ignore[attr-defined]
+    result.update(
+        records={name: torch.stack(values) for name, values in records.items()},
+        counts=counts,
+        num_collectives=clipper.plan.num_collectives,
+        plan=clipper.plan.describe(),
+        window=clipper.window.chronological(),  # type: ignore[attr-defined]
+        params=prepared.full_params(),
+        class_name=type(optimizer).__name__,
+    )
+    return result
+
+
+def fsdp1_without_model(spec: dict[str, Any]) -> dict[str, str | None]:
+    """FSDP1 parameters given to distclip without ``model=``: what each entry point raises."""
+    _quiet()
+    prepared = build(spec)
+    out: dict[str, str | None] = {}
+
+    def error_of(name: str, make: Any) -> None:
+        try:
+            make()
+        except ValueError as exc:
+            out[name] = str(exc)
+        else:
+            out[name] = None
+
+    cls = distclip.AutoClippedOptimizer(torch.optim.SGD, q=0.3, window=8)
+    error_of("subclass", lambda: cls(prepared.params, lr=0.05))
+    error_of("attach", lambda: distclip.attach(torch.optim.SGD(prepared.params, lr=0.05), q=0.3))
+    error_of("get_total_norm", lambda: distclip.get_total_norm(prepared.params))
+    return out
+
+
+def torch_inf_norm_on_empty_shards(spec: dict[str, Any]) -> dict[str, Any]:
+    """torch's own norms of FSDP2 gradients where some rank holds empty shards.
+
+    torch's ``get_total_norm`` (the first, local half of ``clip_grad_norm_``) runs on
+    every rank; a rank that raises would leave the others waiting in the collective
+    of ``full_tensor()``, so the ranks first agree whether any raised. Where it
+    raised, ``clip_grad_norm_`` is called too (it raises before any collective).
+    """
+    _quiet()
+    prepared = build(spec)
+    prepared.backward(0)
+    grads = [p.grad for p in prepared.params]
+    before = [g._local_tensor.clone() for g in grads]
+    out: dict[str, Any] = {"empty": [n for n, k in prepared.info["local_numel"].items() if k == 0]}
+    for p in (2.0, math.inf):
+        error = None
+        try:
+            local = torch.nn.utils.get_total_norm(grads, p)
+        except RuntimeError as exc:
+            error = str(exc)
+        failed = torch.tensor([float(error is not None)])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        out[f"torch_error_{p}"] = error
+        out[f"torch_norm_{p}"] = None if bool(failed) else float(local.full_tensor())
+        if error is not None:
+            try:
+                torch.nn.utils.clip_grad_norm_(prepared.params, 1.0, norm_type=p)
+            except RuntimeError as exc:
+                out[f"torch_clip_error_{p}"] = str(exc)
+        out[f"distclip_norm_{p}"] = distclip.get_total_norm(prepared.params, p)
+    out["grads_unchanged"] = all(
+        torch.equal(g._local_tensor, b) for g, b in zip(grads, before, strict=True)
+    )
+    return out
+
+
+def torch_clip_on_2d_mesh(spec: dict[str, Any]) -> dict[str, Any]:
+    """torch's ``clip_grad_norm_`` on FSDP2 + TP gradients living on two meshes.
+
+    Every rank fails alike in sharding propagation (before any collective).
+    """
+    _quiet()
+    prepared = build(spec)
+    prepared.backward(0)
+    out: dict[str, Any] = {
+        "meshes": sorted({str(p.device_mesh.mesh_dim_names) for p in prepared.params})
+    }
+    try:
+        torch.nn.utils.clip_grad_norm_(prepared.params, 1.0)
+    except RuntimeError as exc:
+        out["torch_error"] = str(exc)
+    else:
+        out["torch_error"] = None
+    out["distclip_norm"] = distclip.get_total_norm(prepared.params)
+    return out
+
+
+def forgot_pipeline_groups(spec: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline layout given to distclip WITHOUT ``pipeline_groups``.
+
+    Returns the norm distclip computes then (``get_total_norm``) and what the first
+    ``step()`` raised: its first-step consistency check is meant to turn this mistake
+    into a ``RankDesyncError``.
+    """
+    _quiet()
+    prepared = build(spec)
+    prepared.backward(0)
+    out: dict[str, Any] = {"norm": float(distclip.get_total_norm(prepared.params))}
+    cls = distclip.AutoClippedOptimizer(torch.optim.SGD, q=spec["q"], window=spec["window"])
+    optimizer = cls(prepared.params, lr=0.0)
+    try:
+        optimizer.step()
+    except distclip.RankDesyncError as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    else:
+        out["error"] = None
+    return out
