@@ -1,0 +1,450 @@
+"""Every clipping method under DDP and FSDP2 (2 gloo ranks) against the single-process run.
+
+One process group for the module (the ``group2`` fixture); each layout trains every
+configuration of ``methods_setup.CONFIGS`` (every name of
+``distclip.available_methods()``, aliases included, plus a few variants) in one call.
+For each configuration and layout the tests check:
+
+* the ranks agree bit for bit: global norm, threshold, coefficient (except AGC under
+  FSDP2, whose ``clip_coef`` is documented as this rank's smallest unit factor),
+  ``state_checksum()`` and the final parameters;
+* the same distclip optimizer run in this process on the full batch agrees: per step
+  norm, threshold and coefficient to 1e-6 relative (AGC's coefficient, one unit's
+  factor, to 4e-6), the clipped gradients (the FSDP2 shards put back together) to
+  1e-5, the final parameters to 1e-5;
+* the NaN step of the data is skipped on every rank and in one process alike;
+* the method really clipped in the run (so the comparison is not vacuous).
+
+Besides: AutoClip, ZClip and AGC under DDP against the slow references of
+``tests/reference.py`` on float64 full-batch gradients, and a state_dict round trip of
+the stateful methods under DDP that must resume bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import workers_methods
+from harness import ProcessGroupHarness
+from methods_setup import (
+    CONFIGS,
+    NAN_STEP,
+    STEPS,
+    full_batch,
+    loss_fn,
+    make_model,
+    optimizer_class,
+    single_process_run,
+)
+
+import distclip
+from distclip.clippers import AGC, AutoClip, ValueClip, ZClip
+from tests.reference import EPS, SlowAutoClip, SlowZClip, agc_reference, norm_of
+
+pytestmark = pytest.mark.distributed
+
+LAYOUTS = ("ddp", "fsdp2")
+#: Configurations checked against the slow references under DDP.
+REFERENCE_CONFIGS = ("autoclip", "auto_clip", "zclip", "zclip-mean-maxnorm", "agc", "agc-eps")
+#: Configurations whose clipper carries state (the window, the EMA, the draw's step).
+STATEFUL_CONFIGS = (
+    "autoclip",
+    "auto_clip",
+    "zclip",
+    "zclip-mean-maxnorm",
+    "linear_stoch_norm",
+    "quadratic_stoch_norm",
+    "linear_stoch_autoclip",
+    "quadratic_stoch_autoclip",
+)
+#: The round trip checkpoints after this many steps (ZClip's warm-up is over, the
+#: windows have wrapped or are about to).
+STOP_AT = 11
+STATS = ("total_norm", "threshold", "clip_coef", "skipped")
+#: Per-step agreement with the single-process run: the global norm and the threshold
+#: come from all-reduced sums, the coefficient from them (1e-6 relative covers the
+#: different float32 summation orders). AGC's coefficient is one unit's factor
+#: ``lam * ||W_u|| / ||G_u||``, and a small unit such as ``out.bias`` (a mean of 16
+#: residuals, with cancellation) carries ~1e-6 relative float32 noise of its own.
+RTOL = 1e-6
+AGC_COEF_RTOL = 4e-6
+#: Local parameter shapes under FSDP2 on 2 ranks: ``fc2`` split 2 + 1, ``out`` empty on rank 1.
+FSDP2_LOCAL_SHAPES = (
+    {
+        "fc1.weight": (4, 6),
+        "fc1.bias": (4,),
+        "fc2.weight": (2, 8),
+        "fc2.bias": (2,),
+        "out.weight": (1, 3),
+        "out.bias": (1,),
+    },
+    {
+        "fc1.weight": (4, 6),
+        "fc1.bias": (4,),
+        "fc2.weight": (1, 8),
+        "fc2.bias": (1,),
+        "out.weight": (0, 3),
+        "out.bias": (0,),
+    },
+)
+
+
+def _clipper_cls(config_id: str) -> type[distclip.Clipper]:
+    return distclip.clippers.resolve_method(CONFIGS[config_id][0])
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def single() -> dict[str, dict[str, Any]]:
+    """Every configuration trained in this process on the full batch."""
+    return {config_id: single_process_run(config_id) for config_id in CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(group2: ProcessGroupHarness) -> list[dict[str, Any]]:
+    return group2.run(workers_methods.train_all, "ddp", list(CONFIGS), STEPS)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(group2: ProcessGroupHarness) -> list[dict[str, Any]]:
+    return group2.run(workers_methods.train_all, "fsdp2", list(CONFIGS), STEPS)
+
+
+@pytest.fixture(scope="module")
+def round_trips(group2: ProcessGroupHarness) -> list[dict[str, Any]]:
+    return group2.run(workers_methods.round_trip_all, list(STATEFUL_CONFIGS), STEPS, STOP_AT)
+
+
+# ---------------------------------------------------------------------------- helpers
+def per_rank(results: list[dict[str, Any]], config_id: str) -> list[dict[str, Any]]:
+    """Each rank's result for ``config_id``; the test fails with a rank's traceback."""
+    out = [result[config_id] for result in results]
+    errors = [f"rank {r}:\n{x['error']}" for r, x in enumerate(out) if "error" in x]
+    if errors:
+        pytest.fail(f"{config_id} raised in the workers:\n" + "\n".join(errors))
+    return out
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach().contiguous()
+    if tensor.is_floating_point():
+        return tensor.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[tensor.element_size()])
+    return tensor
+
+
+def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert (a.dtype, a.shape) == (b.dtype, b.shape), (
+        f"{what}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+    )
+    assert torch.equal(_bits(a), _bits(b)), f"{what} differ bit for bit:\n{a}\n{b}"
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest ``|a - e| / |e|`` over the entries where ``expected`` is finite and nonzero."""
+    actual, expected = actual.double(), expected.double()
+    keep = torch.isfinite(expected) & (expected != 0)
+    if not bool(keep.any()):
+        return 0.0
+    return float(((actual[keep] - expected[keep]).abs() / expected[keep].abs()).max())
+
+
+def assert_rel_close(actual: Any, expected: Any, what: str, rtol: float) -> None:
+    """Equal to ``rtol`` relative; infinities (no threshold) and NaNs in the same places."""
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
+    special = ~torch.isfinite(expected)
+    assert torch.equal(~torch.isfinite(actual), special), (
+        f"{what}: non-finite entries differ:\n{actual}\n{expected}"
+    )
+    torch.testing.assert_close(
+        actual[special], expected[special], equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
+    torch.testing.assert_close(
+        actual[~special], expected[~special], rtol=rtol, atol=0.0, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def merged_grads(ranks: list[dict[str, Any]], layout: str) -> list[dict[str, torch.Tensor]]:
+    """Per step, the whole clipped gradients: DDP's (identical on every rank, checked) or
+    FSDP2's ``Shard(0)`` shards concatenated in rank order."""
+    if layout == "ddp":
+        for rank, result in enumerate(ranks[1:], start=1):
+            for step, (a, b) in enumerate(zip(ranks[0]["grads"], result["grads"], strict=True)):
+                for name in a:
+                    assert_bits_equal(b[name], a[name], f"step {step} grad {name} rank {rank}")
+        return ranks[0]["grads"]
+    return [
+        {
+            name: torch.cat([r["grads"][step][name] for r in ranks])
+            for name in ranks[0]["grads"][step]
+        }
+        for step in range(len(ranks[0]["grads"]))
+    ]
+
+
+def assert_ranks_identical(ranks: list[dict[str, Any]], *, rank_local_coef: bool) -> None:
+    """Norms, thresholds, (coefficients,) clipper state and parameters equal bit for bit."""
+    first = ranks[0]
+    fields = [f for f in STATS if not (rank_local_coef and f == "clip_coef")]
+    for rank, result in enumerate(ranks[1:], start=1):
+        for field in fields:
+            assert_bits_equal(result[field], first[field], f"{field} of rank {rank} vs rank 0")
+        assert_bits_equal(result["checksum"], first["checksum"], f"state_checksum rank {rank}")
+        assert result["step"] == first["step"]
+        assert result["num_clipped"] == first["num_clipped"]
+        assert result["class_name"] == first["class_name"]
+        for name, value in first["params"].items():
+            assert_bits_equal(result["params"][name], value, f"final {name} rank {rank}")
+
+
+def assert_method_clipped(
+    config_id: str,
+    record: dict[str, Any],
+    coefs: torch.Tensor,
+    grads: list[dict[str, torch.Tensor]],
+) -> None:
+    """The run really clipped (and, where it should, also left some steps alone).
+
+    ``record`` holds the norms/thresholds, ``coefs`` the (global) coefficients and
+    ``grads`` the clipped gradients of a run; ``max_abs`` in ``record`` is the largest
+    gradient element before clipping.
+    """
+    cls = _clipper_cls(config_id)
+    options = CONFIGS[config_id][1]
+    live = [step for step in range(STEPS) if step != NAN_STEP]
+    assert coefs[NAN_STEP] == 1
+    if issubclass(cls, ValueClip):
+        bound = float(torch.tensor(options["clip_value"], dtype=torch.float32))
+        exceeded = {step: record["max_abs"][step] > bound for step in live}
+        assert sum(exceeded.values()) >= STEPS // 2, (
+            f"too few above clip_value: {record['max_abs']}"
+        )
+        assert not all(exceeded.values()), "no step left unclipped"
+        for step in live:
+            top = max(float(g.abs().max()) for g in grads[step].values() if g.numel())
+            if exceeded[step]:
+                assert top == bound, f"step {step}: largest clipped element {top} != {bound}"
+            else:
+                assert top <= bound
+        assert torch.equal(coefs, torch.ones_like(coefs))
+        return
+    clipped = int((coefs[live] < 1).sum())
+    untouched = int((coefs[live] == 1).sum())
+    assert clipped >= 3, f"{config_id}: too few clipped steps: {coefs}"
+    assert untouched >= 1, f"{config_id}: no step left unclipped: {coefs}"
+    if issubclass(cls, (distclip.LinearStochNormClip, distclip.LinearStochAutoClip)):
+        norm, level = record["total_norm"].double(), record["threshold"].double()
+        # The draw declined some clear excess (and accepted others, with c = level / n).
+        declined = (norm > 1.01 * level) & (coefs == 1)
+        assert int(declined.sum()) >= 1, f"{config_id}: the draw never declined: {coefs}"
+        taken = coefs < 1
+        assert_rel_close(coefs[taken], (level / norm)[taken], "stochastic c = level / n", 1e-6)
+
+
+def check_against_single(
+    ranks: list[dict[str, Any]], single_run: dict[str, Any], config_id: str, layout: str
+) -> dict[str, float]:
+    """The whole comparison of one configuration on one layout; returns the largest
+    errors against the single-process run (relative for the per-step numbers,
+    absolute for gradients and parameters)."""
+    rank_local_coef = layout == "fsdp2" and issubclass(_clipper_cls(config_id), AGC)
+    assert_ranks_identical(ranks, rank_local_coef=rank_local_coef)
+    first = ranks[0]
+    assert first["class_name"] == optimizer_class(config_id).__name__
+    assert first["num_steps"] == STEPS
+    assert first["step"] == list(range(1, STEPS + 1)) == single_run["step"]
+    # The NaN step is skipped everywhere: nothing else, and no parameter moves.
+    expected_skipped = torch.arange(STEPS) == NAN_STEP
+    assert torch.equal(first["skipped"], expected_skipped)
+    assert torch.equal(single_run["skipped"], expected_skipped)
+    for result in ranks:
+        before, after = result["params_before"][NAN_STEP : NAN_STEP + 2]
+        for name, value in before.items():
+            assert_bits_equal(after[name], value, f"{name} across the skipped step")
+    if layout == "fsdp2":
+        for rank, result in enumerate(ranks):
+            assert result["local_shapes"] == FSDP2_LOCAL_SHAPES[rank]
+    if rank_local_coef:  # each rank's smallest factor; the global one is their minimum
+        coefs = torch.stack([r["clip_coef"] for r in ranks]).amin(0)
+    else:
+        coefs = first["clip_coef"]
+
+    errors = {
+        "total_norm": relative_error(first["total_norm"], single_run["total_norm"]),
+        "threshold": relative_error(first["threshold"], single_run["threshold"]),
+        "clip_coef": relative_error(coefs, single_run["clip_coef"]),
+    }
+    coef_rtol = AGC_COEF_RTOL if issubclass(_clipper_cls(config_id), AGC) else RTOL
+    assert_rel_close(first["total_norm"], single_run["total_norm"], "total_norm", RTOL)
+    assert_rel_close(first["threshold"], single_run["threshold"], "threshold", RTOL)
+    assert_rel_close(coefs, single_run["clip_coef"], "clip_coef", coef_rtol)
+    grads = merged_grads(ranks, layout)
+    for step, (got, expected) in enumerate(zip(grads, single_run["grads"], strict=True)):
+        for name, value in expected.items():
+            torch.testing.assert_close(
+                got[name],
+                value,
+                rtol=1e-5,
+                atol=1e-6,
+                equal_nan=step == NAN_STEP,
+                msg=lambda m, s=step, n=name: f"step {s} grad {n}: {m}",
+            )
+    for name, value in single_run["params"].items():
+        torch.testing.assert_close(
+            first["params"][name],
+            value,
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m, n=name: f"final {n}: {m}",
+        )
+    errors["grads_abs"] = max(
+        float((grads[step][n] - value).abs().max()) if value.numel() else 0.0
+        for step, expected in enumerate(single_run["grads"])
+        if step != NAN_STEP
+        for n, value in expected.items()
+    )
+    errors["params_abs"] = max(
+        float((first["params"][n] - v).abs().max()) for n, v in single_run["params"].items()
+    )
+    assert first["num_clipped"] == single_run["num_clipped"]
+    # The counters (steps, skipped, clipped) are the same as in one process.
+    assert torch.equal(first["checksum"][:3], single_run["checksum"][:3])
+    assert_method_clipped(config_id, single_run, single_run["clip_coef"], single_run["grads"])
+    max_abs = [max(values) for values in zip(*(r["max_abs"] for r in ranks), strict=True)]
+    # (NaN at the skipped step, which the check leaves out.)
+    assert_method_clipped(config_id, {**first, "max_abs": max_abs}, coefs, grads)
+    return errors
+
+
+# ------------------------------------------------------------------------------ tests
+def test_every_method_has_a_configuration() -> None:
+    assert {method for method, _ in CONFIGS.values()} == set(distclip.available_methods())
+
+
+@pytest.mark.parametrize("config_id", list(CONFIGS))
+def test_ddp_matches_single_process(
+    ddp_runs: list[dict[str, Any]], single: dict[str, dict[str, Any]], config_id: str
+) -> None:
+    check_against_single(per_rank(ddp_runs, config_id), single[config_id], config_id, "ddp")
+
+
+@pytest.mark.parametrize("config_id", list(CONFIGS))
+def test_fsdp2_matches_single_process(
+    fsdp2_runs: list[dict[str, Any]], single: dict[str, dict[str, Any]], config_id: str
+) -> None:
+    check_against_single(per_rank(fsdp2_runs, config_id), single[config_id], config_id, "fsdp2")
+
+
+def _agc_min_factor(grad: torch.Tensor, weight: torch.Tensor, lam: float, eps: float) -> float:
+    """The smallest unit factor AGC applies to one tensor (float64, row by row)."""
+    g, w = grad.double(), weight.double()
+    if g.dim() <= 1:
+        g, w = g.reshape(1, -1), w.reshape(1, -1)
+    else:
+        g, w = g.flatten(1), w.flatten(1)
+    smallest = 1.0
+    for grow, wrow in zip(g, w, strict=True):
+        gn, allowed = float(grow.norm()), lam * max(float(wrow.norm()), eps)
+        if gn > allowed:
+            smallest = min(smallest, allowed / max(gn, 1e-6))
+    return smallest
+
+
+@pytest.mark.parametrize("config_id", REFERENCE_CONFIGS)
+def test_ddp_matches_slow_reference(ddp_runs: list[dict[str, Any]], config_id: str) -> None:
+    """Each DDP step against ``tests/reference.py`` on float64 full-batch gradients.
+
+    The reference recomputes the full batch's gradient in float64 at the parameters
+    the DDP run had before that step, so it shares nothing with the run but the data.
+    """
+    record = per_rank(ddp_runs, config_id)[0]
+    options = CONFIGS[config_id][1]
+    cls = _clipper_cls(config_id)
+    model = make_model(dtype=torch.float64)
+    named = dict(model.named_parameters())
+    slow: Any = None
+    if issubclass(cls, AutoClip):
+        slow = SlowAutoClip(**options)
+    elif issubclass(cls, ZClip):
+        slow = SlowZClip(**options)
+    lam, eps = options.get("clip_factor", 0.0), options.get("eps", 1e-3)
+    clipped = 0
+    for step in range(STEPS):
+        with torch.no_grad():
+            for name, value in record["params_before"][step].items():
+                named[name].copy_(value)
+        model.zero_grad(set_to_none=True)
+        x, y = full_batch(step)
+        loss_fn(model(x.double()), y.double()).backward()
+        grads = {name: p.grad.detach() for name, p in named.items()}
+        norm = norm_of(list(grads.values()))
+        assert_rel_close(record["total_norm"][step], norm, f"step {step} norm", 1e-5)
+        if step == NAN_STEP:  # skipped: gradients left as they are, state unchanged
+            assert math.isnan(norm)
+            assert bool(record["skipped"][step])
+            assert float(record["clip_coef"][step]) == 1.0
+            tau = lam if issubclass(cls, AGC) else slow.threshold(norm)
+            assert_rel_close(record["threshold"][step], tau, "threshold when skipped", 1e-5)
+            for name, value in grads.items():
+                assert bool(record["grads"][step][name].isnan().all()), name
+                assert bool(value.isnan().all()), name
+            continue
+        if issubclass(cls, AGC):
+            tau = lam
+            coef = min(_agc_min_factor(grads[n], named[n].detach(), lam, eps) for n in grads)
+            expected = {n: agc_reference(grads[n], named[n].detach(), lam, eps) for n in grads}
+        else:
+            tau = slow.threshold(norm)
+            coef = min(1.0, tau / (norm + EPS))
+            expected = {n: g * coef for n, g in grads.items()}
+        assert_rel_close(record["threshold"][step], tau, f"step {step} threshold", 1e-5)
+        assert_rel_close(record["clip_coef"][step], coef, f"step {step} clip_coef", 1e-5)
+        for name, value in expected.items():
+            torch.testing.assert_close(
+                record["grads"][step][name].double(),
+                value,
+                rtol=1e-5,
+                atol=1e-6,
+                msg=lambda m, s=step, n=name: f"step {s} clipped grad {n}: {m}",
+            )
+        clipped += coef < 1
+    assert clipped >= 3
+    # The state the run ends with is the slow reference's.
+    if issubclass(cls, AutoClip):
+        assert_rel_close(record["window"], slow.history[-options["window"] :], "window", 1e-5)
+    elif issubclass(cls, ZClip):
+        state = record["clipper_state"]["state"]
+        assert int(state["num_seen"]) == STEPS - 1  # the NaN norm was not counted
+        assert_rel_close(state["mean"], slow.mean, "ZClip mean", 1e-5)
+        assert_rel_close(state["var"], slow.var, "ZClip var", 1e-4)
+
+
+@pytest.mark.parametrize("config_id", STATEFUL_CONFIGS)
+def test_ddp_state_round_trip_resumes_exactly(
+    round_trips: list[dict[str, Any]], config_id: str
+) -> None:
+    """state_dict after STOP_AT steps, loaded into a fresh DDP model and optimizer: the
+    rest of the run equals the uninterrupted one bit for bit, on every rank."""
+    ranks = per_rank(round_trips, config_id)
+    for rank, result in enumerate(ranks):
+        full, resumed = result["full"], result["resumed"]
+        assert result["has_clipper_state"]
+        assert_bits_equal(result["loaded_checksum"], result["saved_checksum"], "loaded state")
+        assert not torch.equal(result["fresh_checksum"], result["saved_checksum"])
+        assert resumed["step"] == full["step"][STOP_AT:] == list(range(STOP_AT + 1, STEPS + 1))
+        for field in STATS:
+            assert_bits_equal(resumed[field], full[field][STOP_AT:], f"rank {rank} {field}")
+        for step, (a, b) in enumerate(zip(resumed["grads"], full["grads"][STOP_AT:], strict=True)):
+            for name in a:
+                assert_bits_equal(a[name], b[name], f"rank {rank} step {STOP_AT + step} {name}")
+        for name, value in full["params"].items():
+            assert_bits_equal(resumed["params"][name], value, f"rank {rank} final {name}")
+        assert_bits_equal(resumed["checksum"], full["checksum"], f"rank {rank} final state")
+        # Something was clipped after the resume point, so the state mattered.
+        assert bool((full["clip_coef"][STOP_AT:] < 1).any())
+    assert_bits_equal(ranks[1]["resumed"]["checksum"], ranks[0]["resumed"]["checksum"], "ranks")
+    assert_bits_equal(ranks[1]["resumed"]["threshold"], ranks[0]["resumed"]["threshold"], "ranks")
