@@ -14,6 +14,9 @@ Entry points:
   torch's functions of the same names.
 """
 
+import importlib as _importlib
+from types import ModuleType as _ModuleType
+
 from distclip._version import __version__
 from distclip.clippers import (
     AGC,
@@ -77,3 +80,10 @@ __all__ = [
     "make_clipper",
     "mark_shared",
 ]
+
+
+def __getattr__(name: str) -> _ModuleType:
+    """``distclip.deepspeed``, imported on first access (it does not import DeepSpeed)."""
+    if name == "deepspeed":
+        return _importlib.import_module("distclip.deepspeed")
+    raise AttributeError(f"module 'distclip' has no attribute {name!r}")

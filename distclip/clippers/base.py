@@ -16,6 +16,7 @@ decide on the host whether to raise) and the optional debug consistency check.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -252,19 +253,25 @@ class Clipper:
                 f"{self.num_steps + 1}; nothing was modified. Use nonfinite='skip' to skip "
                 "such steps instead of raising."
             )
-        threshold, coef, clipped = self._external_threshold(total_norm, finite)
+        threshold, coef, clipped, engine_threshold = self._external_threshold(total_norm, finite)
         self._count(finite, clipped)
-        return self._finish_step(total_norm, threshold, coef, ~finite)
+        stats = self._finish_step(total_norm, threshold, coef, ~finite)
+        self.last_stats = dataclasses.replace(stats, engine_threshold=engine_threshold)
+        return self.last_stats
 
     def _external_threshold(
         self, total_norm: Tensor, finite: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(threshold, clip_coef, clipped)`` for :meth:`observe_`; updates the state."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(threshold, clip_coef, clipped, engine_threshold)`` for :meth:`observe_`.
+
+        Updates the state. ``engine_threshold`` is what an engine clipping by
+        ``min(1, t / (n + eps))`` must use as ``t``.
+        """
         threshold = self._threshold(total_norm, finite)
         coef = skip_aware_coefficient(
             clip_coefficient(threshold, total_norm, self.config.eps), finite
         )
-        return threshold, coef, total_norm > threshold
+        return threshold, coef, total_norm > threshold, threshold
 
     def _count(self, finite: Tensor, clipped: Tensor | None) -> None:
         self.num_skipped.add_((~finite).to(self.num_skipped.device, torch.long))

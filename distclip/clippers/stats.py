@@ -20,6 +20,10 @@ class ClipStats:
             (1 on a skipped step: the gradients are left as they were).
         skipped: bool; true when the norm was NaN/inf and the update was skipped.
         step: how many clipping steps the clipper has taken, this one included.
+        engine_threshold: only from :meth:`~distclip.Clipper.observe_`: the number an
+            engine that clips by ``min(1, t / (n + eps))`` must use as ``t`` to apply
+            ``clip_coef`` (``threshold`` itself, except for the stochastic methods,
+            whose draw decides: ``level * (n + eps) / n`` or ``inf``).
 
     Reading the tensors does not synchronise; :meth:`as_floats` does.
     """
@@ -29,6 +33,7 @@ class ClipStats:
     clip_coef: Tensor
     skipped: Tensor
     step: int
+    engine_threshold: Tensor | None = None
 
     def as_floats(self) -> dict[str, float]:
         """Plain Python numbers for logging: ``total_norm``, ``threshold``, ``clip_coef``,

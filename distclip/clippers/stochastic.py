@@ -77,11 +77,11 @@ class _Stochastic:
 
     def _external_threshold(
         self, total_norm: Tensor, finite: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The draw as a threshold for ``min(1, threshold / (n + eps))``.
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The level as threshold, and the draw as an engine threshold.
 
-        A clipping draw gives ``level * (n + eps) / n`` (so the engine's factor is
-        exactly ``level / n``); any other gives ``inf``.
+        A clipping draw gives the engine ``level * (n + eps) / n`` (so its factor
+        ``min(1, t / (n + eps))`` is exactly ``level / n``); any other gives ``inf``.
         """
         level = self._level(total_norm, finite)
         u = step_uniform(self.config.seed, self.num_steps, total_norm.device)
@@ -90,7 +90,7 @@ class _Stochastic:
         )
         exact = level * (total_norm + self.config.eps) / total_norm
         infinite = torch.full_like(level, float("inf"))
-        return torch.where(clipped, exact, infinite), coef, clipped
+        return level, coef, clipped, torch.where(clipped, exact, infinite)
 
     def _apply(
         self, plan: ReductionPlan, total_norm: Tensor, finite: Tensor, measured: Any

@@ -263,7 +263,9 @@ def test_external_norm_drives_the_same_rule(method: str, options: dict[str, obje
     for step, (_, _, grads, _, opt) in enumerate(_run(method, steps=60, **options)):
         n = torch.tensor(norm_of(grads), dtype=torch.float64)
         stats = fed.observe_(n)
-        engine_coef = min(1.0, float(stats.threshold) / (float(n) + 1e-6))
+        assert stats.engine_threshold is not None
+        engine_coef = min(1.0, float(stats.engine_threshold) / (float(n) + 1e-6))
+        assert float(stats.threshold) == pytest.approx(float(opt.last_clip.threshold), rel=1e-9)
         assert engine_coef == pytest.approx(float(opt.last_clip.clip_coef), rel=1e-9), step
     assert torch.equal(fed.num_clipped, opt.clipper.num_clipped)
     for mine, theirs in zip(fed._state_tensors(), opt.clipper._state_tensors(), strict=True):

@@ -1,0 +1,251 @@
+"""distclip under DeepSpeed: the engine adapter (``distclip.deepspeed``).
+
+Two entry points:
+
+* :func:`initialize` takes exactly what ``deepspeed.initialize`` takes and returns what
+  it returns; it reads a top-level ``"distclip"`` section of the DeepSpeed config (a
+  dict, a JSON file path, or base64), validated *before* DeepSpeed starts::
+
+      {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2},
+       "distclip": {"method": "autoclip", "q": 0.1, "window": 200, "max_norm": 5.0}}
+
+      engine, optimizer, _, _ = distclip.deepspeed.initialize(
+          model=model, optimizer=optimizer, config="ds_config.json")
+
+* :func:`attach` hooks an engine built by other code (HF Trainer, Accelerate), with
+  options given as keywords or, when none are, the same section of the engine's config.
+
+The method names and options are those of :func:`distclip.ClippedOptimizer`, for the
+methods driven by one global norm (:func:`deepspeed_methods`: ``norm``, ``autoclip``,
+the four stochastic ones, ``zclip``). The adapter is ``engine.distclip``
+(:class:`DeepSpeedClipAdapter`) with ``clipper`` and ``last_clip``.
+
+One norm, DeepSpeed's own: every DeepSpeed optimizer wrapper computes the pre-clip
+global norm inside ``step()`` and only then reads its clip value; distclip feeds that
+norm to the clipper and hands back this step's threshold (window first, as the native
+wrappers do). No second pass over the gradients, no extra collective. ZeRO 0 in fp32
+(no wrapper) is hooked in the engine, which then also reports the norm in
+``engine.get_global_grad_norm()``. See ``_hooks`` for the verified wrappers and
+DeepSpeed versions; anything else is refused with a clear error.
+
+Checkpoints: ``engine.save_checkpoint`` saves the clipper's state in ``client_state``
+under the key ``"distclip"`` and ``engine.load_checkpoint`` restores it (the key is
+removed from the ``client_state`` it returns); DeepSpeed's own clip value, which a load
+restores, no longer decides anything.
+
+``import distclip`` does not import DeepSpeed; this package imports it only when one
+of its functions is called.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+from distclip.clippers import make_clipper
+from distclip.integrations.binding import OptimizerBinding
+from distclip.integrations.deepspeed._adapter import STATE_KEY, DeepSpeedClipAdapter
+from distclip.integrations.deepspeed._config import (
+    DEFAULT_METHOD,
+    SECTION_KEY,
+    ClipSection,
+    config_from_arguments,
+    deepspeed_methods,
+    load_deepspeed_config,
+    parse_section,
+)
+from distclip.integrations.deepspeed._hooks import (
+    ENGINE_HOOK,
+    SUPPORTED_WRAPPERS,
+    VERIFIED_VERSIONS,
+    DeepSpeedVersionError,
+    InstalledHook,
+    check_version,
+    import_deepspeed,
+    plan_hook,
+)
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "ENGINE_HOOK",
+    "SECTION_KEY",
+    "STATE_KEY",
+    "SUPPORTED_WRAPPERS",
+    "VERIFIED_VERSIONS",
+    "ClipSection",
+    "DeepSpeedClipAdapter",
+    "DeepSpeedVersionError",
+    "attach",
+    "deepspeed_methods",
+    "get_adapter",
+    "initialize",
+    "parse_section",
+    "read_section",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def read_section(config: Any) -> ClipSection:
+    """The validated ``"distclip"`` section of a DeepSpeed config (dict, path or base64).
+
+    A config without the section gives the defaults (``autoclip``, ``present=False``).
+
+    Raises:
+        TypeError, ValueError, NotImplementedError: see :func:`parse_section`; also a
+            config that cannot be read.
+    """
+    return parse_section(load_deepspeed_config(config).get(SECTION_KEY))
+
+
+def _engine_section(engine: Any) -> ClipSection:
+    """The ``"distclip"`` section of the config the engine was built with."""
+    param_dict = getattr(getattr(engine, "_config", None), "_param_dict", None)
+    if isinstance(param_dict, dict):
+        return parse_section(param_dict.get(SECTION_KEY))
+    config = getattr(engine, "config", None)
+    if config is None:
+        return parse_section(None)
+    return read_section(config)
+
+
+def get_adapter(engine: Any) -> DeepSpeedClipAdapter:
+    """``engine.distclip``, typed.
+
+    Raises:
+        ValueError: distclip is not attached to ``engine``.
+    """
+    adapter = getattr(engine, "__dict__", {}).get("distclip")
+    if not isinstance(adapter, DeepSpeedClipAdapter):
+        raise ValueError(
+            "this DeepSpeed engine does not clip with distclip; build it with "
+            "distclip.deepspeed.initialize(...) or call distclip.deepspeed.attach(engine)"
+        )
+    return adapter
+
+
+def _attach_section(
+    engine: Any, section: ClipSection, *, allow_unverified: bool
+) -> DeepSpeedClipAdapter:
+    check_version(allow_unverified)
+    if isinstance(getattr(engine, "__dict__", {}).get("distclip"), DeepSpeedClipAdapter):
+        raise ValueError(
+            "this DeepSpeed engine already clips with distclip (engine.distclip); call "
+            "engine.distclip.remove() before attaching another"
+        )
+    plan = plan_hook(engine, allow_unverified=allow_unverified)  # refuses before any change
+    params = [p for p in engine.module.parameters() if p.requires_grad] or list(
+        engine.module.parameters()
+    )
+    clipper = make_clipper(section.method, params, **section.options)
+    adapter = DeepSpeedClipAdapter(
+        engine, clipper, section, wrapper=plan.wrapper, hook_point=plan.hook_point
+    )
+    first = [plan]
+
+    def install() -> InstalledHook:
+        current = first.pop() if first else plan_hook(engine, allow_unverified=allow_unverified)
+        binding = OptimizerBinding(clipper, engine.optimizer) if current.wrapper is None else None
+        return current.install(adapter.observe, binding)
+
+    adapter._set_hook(install)
+    adapter._wrap_checkpointing()
+    clipping = getattr(getattr(engine, "_config", None), "gradient_clipping", 0.0)
+    if isinstance(clipping, (int, float)) and clipping > 0.0 and clipping != float("inf"):
+        logger.info(
+            "distclip: %s replaces DeepSpeed's gradient_clipping=%s on this engine",
+            section.method,
+            clipping,
+        )
+    engine.distclip = adapter
+    return adapter
+
+
+def attach(
+    engine: Any,
+    method: str | None = None,
+    *,
+    allow_unverified: bool = False,
+    **options: Any,
+) -> DeepSpeedClipAdapter:
+    """Clip an existing DeepSpeed engine's gradients with distclip, by DeepSpeed's own norm.
+
+    For engines built by other code (HF Trainer, Accelerate). Call it before the first
+    optimizer step. Without ``method`` and options, the ``"distclip"`` section of the
+    engine's DeepSpeed config is used (the defaults, ``autoclip``, without one)::
+
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+        distclip.deepspeed.attach(engine)                     # the config's section
+        distclip.deepspeed.attach(engine, "autoclip", q=0.2)  # or explicit options
+
+    With Accelerate the engine is the model ``accelerator.prepare`` returns; with the HF
+    Trainer it is ``trainer.model_wrapped`` once training has started (neither is
+    exercised by distclip's tests).
+
+    Args:
+        engine: a ``deepspeed.DeepSpeedEngine``.
+        method: a method name (see :func:`deepspeed_methods`).
+        allow_unverified: use a DeepSpeed version, or a subclass of a supported optimizer
+            wrapper, that distclip has not verified (with a warning) instead of refusing.
+        **options: the method's options, as for :func:`distclip.ClippedOptimizer`.
+
+    Returns:
+        The adapter, also set as ``engine.distclip``.
+
+    Raises:
+        TypeError: ``engine`` is not a DeepSpeed engine; an unknown option or one of the
+            wrong type; a section that is not a dict.
+        ValueError: an unknown method or an option out of range; already attached.
+        NotImplementedError: a method that needs more than the global norm (``value``,
+            ``coordinate_wise``, ``layer_wise``, ``agc``), or an optimizer wrapper /
+            precision distclip has not verified.
+        DeepSpeedVersionError: an unverified DeepSpeed without ``allow_unverified``.
+    """
+    if method is None and not options:
+        section = _engine_section(engine)
+    else:
+        section = parse_section(
+            {"method": method or DEFAULT_METHOD, **options}, where="distclip.deepspeed.attach()"
+        )
+    return _attach_section(engine, section, allow_unverified=allow_unverified)
+
+
+def initialize(*args: Any, allow_unverified: bool = False, **kwargs: Any) -> Any:
+    """``deepspeed.initialize`` with distclip attached to the engine it returns.
+
+    Takes exactly the arguments of ``deepspeed.initialize`` and returns what it returns
+    (``engine, optimizer, dataloader, lr_scheduler``). The ``"distclip"`` section of the
+    config (``config=``, ``config_params=`` or ``args.deepspeed_config``) is validated
+    before DeepSpeed starts; without one, ``autoclip`` with its defaults is used.
+
+    Args:
+        *args, **kwargs: what ``deepspeed.initialize`` takes.
+        allow_unverified: see :func:`attach`.
+
+    Raises:
+        TypeError, ValueError, NotImplementedError, DeepSpeedVersionError: as
+            :func:`attach`, before ``deepspeed.initialize`` runs for a bad section or
+            version.
+    """
+    deepspeed = import_deepspeed()
+    check_version(allow_unverified)
+    try:
+        bound = inspect.signature(deepspeed.initialize).bind(*args, **kwargs)
+    except TypeError:
+        bound = None  # let deepspeed.initialize report its own argument error
+    config = config_from_arguments(bound.arguments) if bound is not None else None
+    section = read_section(config) if config is not None else None
+    if section is not None and not section.present:
+        logger.warning(
+            "distclip: the DeepSpeed config has no %r section; clipping with %s and its "
+            "default options",
+            SECTION_KEY,
+            DEFAULT_METHOD,
+        )
+    result = deepspeed.initialize(*args, **kwargs)
+    engine = result[0]
+    if section is None:
+        section = _engine_section(engine)
+    _attach_section(engine, section, allow_unverified=allow_unverified)
+    return result

@@ -1,0 +1,543 @@
+"""Where distclip plugs into DeepSpeed's optimizer step: one hook per optimizer wrapper.
+
+Verified against DeepSpeed 0.19.8 (the order of operations inside each ``step()``):
+
+* **The wrappers** (:data:`SUPPORTED_WRAPPERS`: ZeRO 1/2, ZeRO 3, ``BF16_Optimizer``,
+  ``FP16_Optimizer``, ``FP16_UnfusedOptimizer``, with or without CPU offload) compute the
+  pre-clip global norm inside ``step()``, store it in ``self._global_grad_norm``, and only
+  then read their clip value ``self.clip_grad``; on a skipped (overflow / NaN) step they
+  never read it. distclip turns ``clip_grad`` into a property (on a per-instance
+  subclass: the class and other instances are left alone, ``isinstance`` still holds)
+  and arms it in a thin ``step`` wrapper. The first read inside a step hands the stored
+  norm to the clipper (:meth:`~distclip.Clipper.observe_`) and returns this step's
+  threshold; later reads in the same step return the same value. Outside ``step()`` the
+  property returns DeepSpeed's own configured value (so ``state_dict()`` stays a plain
+  float), and DeepSpeed's writes (the constructor, a checkpoint load) go there too:
+  they can no longer replace distclip's threshold.
+* **No wrapper** (ZeRO 0 with fp32: the engine clips with
+  ``deepspeed.runtime.utils.clip_grad_norm_``, reading the clip value before the norm
+  exists and discarding the norm). distclip replaces ``engine.clip_fp32_gradients``
+  on the instance by the same norm computation (the same single data-parallel
+  all-reduce) with the clipper between the norm and the scaling, and stores the norm
+  in ``engine._global_grad_norm`` so that ``engine.get_global_grad_norm()`` reports it.
+
+No second pass over the gradients, no extra collective: the only added work is the
+clipper's update on a 0-dim tensor and one read of the threshold to the host, which
+DeepSpeed needs as a Python number (it has already read the norm to the host itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distclip.clippers import ClipStats
+from distclip.functional import scale_
+from distclip.integrations.binding import OptimizerBinding, SkipToken
+
+__all__ = [
+    "ENGINE_HOOK",
+    "SUPPORTED_WRAPPERS",
+    "VERIFIED_VERSIONS",
+    "DeepSpeedVersionError",
+    "HookPlan",
+    "InstalledHook",
+    "check_version",
+    "import_deepspeed",
+    "plan_hook",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The DeepSpeed optimizer wrappers whose ``step()`` distclip has verified.
+SUPPORTED_WRAPPERS: tuple[str, ...] = (
+    "DeepSpeedZeroOptimizer",
+    "DeepSpeedZeroOptimizer_Stage3",
+    "BF16_Optimizer",
+    "FP16_Optimizer",
+    "FP16_UnfusedOptimizer",
+)
+
+#: The hook point when the engine has no wrapper (ZeRO 0, fp32).
+ENGINE_HOOK = "engine.clip_fp32_gradients"
+
+#: The DeepSpeed releases whose order of operations distclip has verified.
+VERIFIED_VERSIONS = ">=0.19,<0.20"
+_VERIFIED_MINOR = ((0, 19),)
+
+_WRAPPER_MODULES = {
+    "DeepSpeedZeroOptimizer": "deepspeed.runtime.zero.stage_1_and_2",
+    "DeepSpeedZeroOptimizer_Stage3": "deepspeed.runtime.zero.stage3",
+    "BF16_Optimizer": "deepspeed.runtime.bf16_optimizer",
+    "FP16_Optimizer": "deepspeed.runtime.fp16.fused_optimizer",
+    "FP16_UnfusedOptimizer": "deepspeed.runtime.fp16.unfused_optimizer",
+}
+
+#: Attribute of a hooked wrapper instance holding its :class:`_WrapperHook`.
+_HOOK_ATTR = "_distclip_hook"
+
+_warned_versions: set[str] = set()
+
+Observer = Callable[[Tensor], ClipStats]
+
+
+class DeepSpeedVersionError(RuntimeError):
+    """The installed DeepSpeed is outside the versions distclip's adapter was verified with."""
+
+
+def import_deepspeed() -> Any:
+    """``import deepspeed`` (only here, and only when the adapter is used)."""
+    try:
+        return importlib.import_module("deepspeed")
+    except ImportError as exc:
+        raise ImportError(
+            "distclip.deepspeed needs DeepSpeed: pip install 'distclip[deepspeed]' "
+            f"(verified with deepspeed{VERIFIED_VERSIONS})"
+        ) from exc
+
+
+def _is_verified(version: str) -> bool:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        return False
+    return (int(match.group(1)), int(match.group(2))) in _VERIFIED_MINOR
+
+
+def check_version(allow_unverified: bool) -> str:
+    """The installed DeepSpeed version; refuse (or warn once) outside the verified range.
+
+    Raises:
+        DeepSpeedVersionError: the version is not verified and ``allow_unverified`` is
+            false.
+    """
+    version = str(getattr(import_deepspeed(), "__version__", "unknown"))
+    if _is_verified(version):
+        return version
+    message = (
+        f"distclip's DeepSpeed adapter relies on the order of operations inside DeepSpeed's "
+        f"optimizer step (norm stored before the clip value is read), verified for deepspeed"
+        f"{VERIFIED_VERSIONS}; the installed DeepSpeed is {version}."
+    )
+    if not allow_unverified:
+        raise DeepSpeedVersionError(
+            message + " Install a verified version (pip install 'distclip[deepspeed]'), or pass "
+            "allow_unverified=True to use it anyway: distclip then still raises if a step "
+            "finishes without reading its threshold, but cannot check everything else."
+        )
+    if version not in _warned_versions:
+        _warned_versions.add(version)
+        warnings.warn(
+            message + " allow_unverified=True: using it anyway; check the thresholds "
+            "(engine.distclip.last_clip) against engine.get_global_grad_norm().",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return version
+
+
+def _wrapper_classes() -> dict[str, type]:
+    return {
+        name: getattr(importlib.import_module(module), name)
+        for name, module in _WRAPPER_MODULES.items()
+    }
+
+
+def _loss_scale(optimizer: Any) -> float:
+    """The loss scale the wrapper divides by now (1 without loss scaling)."""
+    scale = getattr(optimizer, "loss_scale", None)
+    return 1.0 if scale is None else float(scale)
+
+
+def _as_norm_tensor(norm: Any) -> Tensor:
+    if isinstance(norm, Tensor):
+        return norm
+    return torch.tensor(float(norm), dtype=torch.float64)
+
+
+def _threshold_for_deepspeed(stats: ClipStats) -> tuple[float, bool]:
+    """``(threshold, skipped)`` as Python values, in one read to the host.
+
+    The threshold is the number DeepSpeed compares with (``stats.engine_threshold``,
+    which differs from ``stats.threshold`` only for the stochastic methods): ``inf``
+    (no clipping) on a skipped step.
+    """
+    engine = stats.engine_threshold if stats.engine_threshold is not None else stats.threshold
+    threshold, skipped = torch.stack(
+        [engine.to(torch.float64), stats.skipped.to(torch.float64)]
+    ).tolist()
+    if skipped or math.isnan(threshold):
+        return math.inf, bool(skipped)
+    return float(threshold), False
+
+
+# ------------------------------------------------------------------------- wrappers
+class _WrapperHook:
+    """The state of distclip's hook on one DeepSpeed optimizer wrapper instance."""
+
+    def __init__(
+        self,
+        wrapper: str,
+        observe: Observer,
+        *,
+        fp16: bool,
+        ds_clip: Any,
+        original_class: type,
+        original_step: Callable[..., Any],
+    ) -> None:
+        self.wrapper = wrapper
+        self.observe = observe
+        self.fp16 = fp16
+        #: DeepSpeed's own clip value (its config's, or the one a checkpoint restored).
+        self.ds_clip = ds_clip
+        self.original_class = original_class
+        self.original_step = original_step
+        self.armed = False
+        self.read = False
+        self.threshold = math.inf
+        self.scale0 = 1.0
+        self.warned_nonfinite = False
+
+    def arm(self, optimizer: Any) -> None:
+        self.armed = True
+        self.read = False
+        if self.wrapper == "DeepSpeedZeroOptimizer_Stage3":
+            self.scale0 = _loss_scale(optimizer)
+
+    def true_norm(self, optimizer: Any) -> Tensor:
+        """This step's unscaled pre-clip norm, from what DeepSpeed stored just before.
+
+        ZeRO 1/2, BF16_Optimizer and the bf16 FP16 wrappers store it unscaled. ZeRO 3
+        divides by the loss scale *after* updating it: on an fp16 loss-scale growth
+        step the stored norm is too small by the growth factor, undone here.
+        """
+        norm = getattr(optimizer, "_global_grad_norm", None)
+        if norm is None:
+            raise RuntimeError(
+                f"distclip: DeepSpeed's {self.wrapper}.step() read its clip value without a "
+                "stored global norm (_global_grad_norm is None); distclip needs DeepSpeed to "
+                "compute the norm (zero_optimization.compute_grad_norm must stay true)"
+            )
+        if self.wrapper == "DeepSpeedZeroOptimizer_Stage3":
+            now = _loss_scale(optimizer)
+            if now != self.scale0:
+                norm = norm * (now / self.scale0)
+        return _as_norm_tensor(norm)
+
+    def clip_value(self, optimizer: Any) -> Any:
+        """What ``optimizer.clip_grad`` reads: this step's threshold inside ``step()``."""
+        if not self.armed:
+            return self.ds_clip
+        if not self.read:
+            self.read = True
+            stats = self.observe(self.true_norm(optimizer))
+            self.threshold, skipped = _threshold_for_deepspeed(stats)
+            if skipped and not self.warned_nonfinite:
+                self.warned_nonfinite = True
+                logger.warning(
+                    "distclip: DeepSpeed's %s applies a step whose global norm is not finite "
+                    "(bf16.check_grad_overflow is off?); distclip keeps the norm out of its "
+                    "state, but only DeepSpeed can skip the update",
+                    self.wrapper,
+                )
+        return self.threshold
+
+    def after_step(self, optimizer: Any) -> None:
+        """Account for a step that never read the clip value (DeepSpeed skipped it)."""
+        if self.read:
+            return
+        if getattr(optimizer, "overflow", False):
+            if not self.fp16:
+                # A NaN/inf norm in fp32/bf16: the native wrappers count such a step as
+                # skipped (and raise with nonfinite="error"); fp16 overflows are loss
+                # scaling at work, skipped like torch.amp.GradScaler does, uncounted.
+                self.observe(torch.tensor(math.inf))
+            return
+        raise RuntimeError(
+            f"distclip: DeepSpeed's {self.wrapper}.step() updated the parameters without "
+            "reading its clip value, so distclip's threshold was not applied; this order of "
+            f"operations is not the one verified for deepspeed{VERIFIED_VERSIONS}"
+        )
+
+
+def _get_clip_grad(optimizer: Any) -> Any:
+    return optimizer.__dict__[_HOOK_ATTR].clip_value(optimizer)
+
+
+def _set_clip_grad(optimizer: Any, value: Any) -> None:
+    optimizer.__dict__[_HOOK_ATTR].ds_clip = value
+
+
+_HOOKED_CLASSES: dict[type, type] = {}
+
+
+def _hooked_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``clip_grad`` is distclip's property (cached per class)."""
+    hooked = _HOOKED_CLASSES.get(cls)
+    if hooked is None:
+        hooked = type(
+            f"DistClip{cls.__name__}",
+            (cls,),
+            {
+                "clip_grad": property(_get_clip_grad, _set_clip_grad),
+                "__module__": cls.__module__,
+                "__doc__": f"{cls.__name__} whose clip value distclip supplies in step().",
+            },
+        )
+        _HOOKED_CLASSES[cls] = hooked
+    return hooked
+
+
+class InstalledHook:
+    """A hook in place: :meth:`intact` says whether it still is, :meth:`remove` undoes it."""
+
+    def __init__(self, intact: Callable[[], bool], remove: Callable[[], None]) -> None:
+        self._intact = intact
+        self._remove = remove
+
+    def intact(self) -> bool:
+        """True while the hook is in place (nothing replaced the hooked object or method)."""
+        return self._intact()
+
+    def remove(self) -> None:
+        """Undo the hook (DeepSpeed clips by its own configured value again)."""
+        self._remove()
+
+
+def _install_wrapper_hook(
+    optimizer: Any, wrapper: str, observe: Observer, fp16: bool
+) -> InstalledHook:
+    """Hook ``optimizer`` (a DeepSpeed wrapper)."""
+    original_class = type(optimizer)
+    original_step = optimizer.step
+    had_step = "step" in optimizer.__dict__
+    hook = _WrapperHook(
+        wrapper,
+        observe,
+        fp16=fp16,
+        ds_clip=optimizer.__dict__.get("clip_grad", 0.0),
+        original_class=original_class,
+        original_step=original_step,
+    )
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        hook.arm(optimizer)
+        try:
+            result = hook.original_step(*args, **kwargs)
+        finally:
+            hook.armed = False
+        hook.after_step(optimizer)
+        return result
+
+    step.__doc__ = getattr(original_step, "__doc__", None)
+    optimizer.__dict__[_HOOK_ATTR] = hook
+    optimizer.__dict__.pop("clip_grad", None)
+    optimizer.__class__ = _hooked_class(original_class)
+    optimizer.step = step
+
+    def remove() -> None:
+        if optimizer.__dict__.get(_HOOK_ATTR) is not hook:
+            return
+        optimizer.__class__ = original_class
+        del optimizer.__dict__[_HOOK_ATTR]
+        optimizer.__dict__["clip_grad"] = hook.ds_clip
+        if had_step:
+            optimizer.step = original_step
+        else:
+            optimizer.__dict__.pop("step", None)
+
+    def intact() -> bool:
+        return optimizer.__dict__.get(_HOOK_ATTR) is hook and optimizer.__dict__.get("step") is step
+
+    return InstalledHook(intact, remove)
+
+
+# ----------------------------------------------------------------------------- ZeRO 0
+def _deepspeed_fp32_norm(engine: Any, params: list[Tensor]) -> Tensor:
+    """The global L2 norm exactly as ``deepspeed.runtime.utils.clip_grad_norm_`` takes it.
+
+    Per-parameter fp32 norms, the model-parallel sum (with an ``mpu``), then the one
+    data-parallel all-reduce DeepSpeed uses (it averages, for MoE experts).
+    """
+    dist = importlib.import_module("deepspeed.comm")
+    groups = importlib.import_module("deepspeed.utils.groups")
+    accelerator = importlib.import_module("deepspeed.accelerator").get_accelerator()
+    is_model_parallel_parameter = importlib.import_module(
+        "deepspeed.runtime.utils"
+    ).is_model_parallel_parameter
+    mpu = engine.mpu
+    norms = [
+        p.grad.detach().float().norm(2)  # type: ignore[union-attr]
+        for p in params
+        if mpu is None or mpu.get_model_parallel_rank() == 0 or is_model_parallel_parameter(p)
+    ]
+    if norms:
+        total = torch.stack(norms).pow(2.0).sum().float()
+    else:
+        total = torch.zeros(1, dtype=torch.float32)
+    total = total.to(accelerator.current_device_name())
+    if mpu is not None:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=mpu.get_model_parallel_group())
+    total = total.pow(1.0 / 2.0)
+    group = groups._get_data_parallel_group()
+    total = total * 1.0 / float(dist.get_world_size(group=group))
+    dist.all_reduce(total, group=group)
+    return total.to(params[0].device)
+
+
+def _install_engine_hook(
+    engine: Any, observe: Observer, binding: OptimizerBinding
+) -> InstalledHook:
+    """Hook a ZeRO-0 fp32 engine (no wrapper)."""
+    optimizer = engine.optimizer
+    armed: list[SkipToken] = []
+    original_clipping = engine._config.gradient_clipping
+
+    def clip_fp32_gradients() -> Tensor | None:
+        while armed:  # the last optimizer step raised before the post-hook ran
+            stale = armed.pop()
+            stale.hidden_grads.clear()  # those gradients belong to the failed step
+            binding.disarm_skip(optimizer, stale)
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        if not params:
+            return None
+        total = _deepspeed_fp32_norm(engine, params)
+        stats = observe(total)
+        engine._global_grad_norm = total
+        scale_([p.grad for p in params], stats.clip_coef, foreach=binding.clipper.config.foreach)  # type: ignore[misc]
+        armed.append(binding.arm_skip(optimizer, stats, can_bypass=False))
+        return total
+
+    def disarm(opt: Any, args: Any, kwargs: Any) -> None:
+        while armed:
+            binding.disarm_skip(opt, armed.pop())
+
+    post_hook = optimizer.register_step_post_hook(disarm)
+    engine.clip_fp32_gradients = clip_fp32_gradients
+    if not original_clipping > 0.0:
+        # The engine clips only when gradient_clipping() > 0; nothing else reads it
+        # after initialize.
+        engine._config.gradient_clipping = math.inf
+
+    def remove() -> None:
+        post_hook.remove()
+        engine.__dict__.pop("clip_fp32_gradients", None)
+        engine._config.gradient_clipping = original_clipping
+
+    def intact() -> bool:
+        return (
+            engine.__dict__.get("clip_fp32_gradients") is clip_fp32_gradients
+            and engine.optimizer is optimizer
+            and engine._config.gradient_clipping > 0.0
+        )
+
+    return InstalledHook(intact, remove)
+
+
+# ------------------------------------------------------------------------------ plan
+class HookPlan:
+    """Where distclip will hook an engine, decided before anything is changed.
+
+    Attributes:
+        wrapper: the wrapper's class name, or ``None`` for ZeRO 0 fp32 (no wrapper).
+        hook_point: ``"<wrapper>.clip_grad"`` or :data:`ENGINE_HOOK`.
+    """
+
+    def __init__(self, engine: Any, wrapper: str | None, fp16: bool) -> None:
+        self.engine = engine
+        self.wrapper = wrapper
+        self.fp16 = fp16
+        self.hook_point = ENGINE_HOOK if wrapper is None else f"{wrapper}.clip_grad"
+
+    def install(self, observe: Observer, binding: OptimizerBinding | None) -> InstalledHook:
+        """Install the hook (``binding``: the clipper and optimizer, for ZeRO 0)."""
+        if self.wrapper is None:
+            assert binding is not None
+            return _install_engine_hook(self.engine, observe, binding)
+        return _install_wrapper_hook(self.engine.optimizer, self.wrapper, observe, self.fp16)
+
+
+def plan_hook(engine: Any, *, allow_unverified: bool) -> HookPlan:
+    """Decide how to hook ``engine``; refuse what has not been verified.
+
+    Raises:
+        TypeError: ``engine`` is not a ``deepspeed.DeepSpeedEngine``.
+        ValueError: the engine has no optimizer, or ZeRO 1/2 with
+            ``compute_grad_norm`` off (there is then no norm to use).
+        NotImplementedError: an optimizer wrapper distclip has not verified, the legacy
+            fused-Adam fp16 path, ZeRO 0 with fp16, ZeRO 0 with torch autocast.
+    """
+    deepspeed = import_deepspeed()
+    if not isinstance(engine, deepspeed.DeepSpeedEngine):
+        raise TypeError(
+            f"engine must be a deepspeed.DeepSpeedEngine (what deepspeed.initialize returns "
+            f"first), got {type(engine).__name__}"
+        )
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is None:
+        raise ValueError(
+            "engine has no optimizer (deepspeed.initialize without an optimizer and without "
+            "one in the config): there is nothing to clip"
+        )
+    classes = _wrapper_classes()
+    fp16 = bool(engine.fp16_enabled())
+    wrapper = next((name for name, cls in classes.items() if type(optimizer) is cls), None)
+    if wrapper is None:
+        base = next((name for name, cls in classes.items() if isinstance(optimizer, cls)), None)
+        if base is not None:
+            message = (
+                f"the engine's optimizer is {type(optimizer).__name__}, a subclass of "
+                f"DeepSpeed's {base} whose step() distclip has not verified (distclip supports "
+                f"exactly: {', '.join(SUPPORTED_WRAPPERS)}, and ZeRO 0 in fp32)"
+            )
+            if not allow_unverified:
+                raise NotImplementedError(message + "; allow_unverified=True hooks it as a " + base)
+            warnings.warn(
+                message + f"; allow_unverified=True: hooking it as a {base}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            wrapper = base
+    if wrapper is None:
+        if engine.zero_optimization() or engine.bfloat16_enabled() or fp16:
+            raise NotImplementedError(
+                f"the engine's optimizer is {type(optimizer).__name__}, not one of the DeepSpeed "
+                f"optimizer wrappers distclip has verified ({', '.join(SUPPORTED_WRAPPERS)}); "
+                "distclip does not know where this one computes its norm and reads its clip value"
+            )
+        if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+            raise NotImplementedError(
+                "ZeRO 0 with torch autocast in fp16 (a GradScaler inside the engine) is not "
+                "supported by distclip's DeepSpeed adapter"
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise NotImplementedError(
+                f"ZeRO 0 in fp32 with a {type(optimizer).__name__} that is not a "
+                "torch.optim.Optimizer is not supported by distclip's DeepSpeed adapter"
+            )
+        return HookPlan(engine, None, fp16=False)
+    if wrapper in ("FP16_Optimizer", "FP16_UnfusedOptimizer") and fp16:
+        raise NotImplementedError(
+            "ZeRO 0 with fp16 (DeepSpeed's FP16_Optimizer / FP16_UnfusedOptimizer) is not "
+            "supported: in DeepSpeed 0.19 engine.backward() does not loss-scale for these "
+            "wrappers while their step() unscales, so DeepSpeed's updates and norms are off "
+            "by the loss scale; use bf16, or ZeRO 1-3 for fp16"
+        )
+    if wrapper == "FP16_Optimizer" and getattr(optimizer, "fused_adam_legacy", False):
+        raise NotImplementedError(
+            "DeepSpeed's FP16_Optimizer legacy fused-Adam step (optimizer.legacy_fusion) reads "
+            "the clip value before it computes this step's norm; distclip does not support it"
+        )
+    if wrapper == "DeepSpeedZeroOptimizer" and not getattr(optimizer, "compute_grad_norm", True):
+        raise ValueError(
+            "zero_optimization.compute_grad_norm is false: DeepSpeed then computes no global "
+            "norm, and distclip clips by DeepSpeed's norm; set it to true"
+        )
+    return HookPlan(engine, wrapper, fp16=fp16)

@@ -1,0 +1,304 @@
+"""Functions run on every rank by ``test_deepspeed_engines.py`` (through the harness).
+
+Each call runs many configurations in the long-lived process group: DeepSpeed's
+import and its first ZeRO engine are the expensive part, later engines take
+milliseconds. Nothing here asserts: a worker records what happened (exceptions
+included, as strings) and the test decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import os
+import traceback
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ds_setup import LR, loss_fn, make_model, micro_batch
+
+import distclip
+
+_READY = False
+
+
+def setup() -> Any:
+    """Import DeepSpeed for CPU/gloo in this rank (once): shm op off, quiet logs.
+
+    The shared-memory op must be disabled before ``deepspeed.init_distributed``: its
+    backend's constructor would otherwise compile it (tens of seconds).
+    """
+    global _READY
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    if not _READY:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        os.environ.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world)
+        )
+    import deepspeed
+
+    if not _READY:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.utils.logger.setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        deepspeed.init_distributed(dist_backend="gloo")
+        _READY = True
+    return deepspeed
+
+
+def _release(engine: Any) -> None:
+    destroy = getattr(engine, "destroy", None)
+    if callable(destroy):
+        with contextlib.suppress(Exception):
+            destroy()
+    gc.collect()
+
+
+def _norm_value(norm: Any) -> float | None:
+    if norm is None:
+        return None
+    return float(norm)
+
+
+def _full_fp32_params(deepspeed: Any, engine: Any) -> torch.Tensor:
+    """Every parameter's fp32 master copy (ZeRO partitions gathered), flattened."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    pieces = []
+    optimizer = engine.optimizer
+    masters = None
+    if hasattr(optimizer, "fp32_groups") and type(optimizer).__name__.endswith(
+        "FP16_UnfusedOptimizer"
+    ):
+        masters = [q for group in optimizer.fp32_groups for q in group]
+    for index, param in enumerate(engine.module.parameters()):
+        full = None
+        if engine.zero_optimization() or engine.bfloat16_enabled():
+            full = safe_get_full_fp32_param(param) if masters is None else masters[index]
+        if full is None:
+            full = param
+        pieces.append(full.detach().float().clone().reshape(-1))
+    return torch.cat(pieces)
+
+
+def build_engine(spec: dict[str, Any], *, model_seed: int = 0, config: Any = None) -> Any:
+    """A DeepSpeed engine for ``spec`` with distclip attached (SGD, lr ``LR``)."""
+    deepspeed = setup()
+    model = make_model(model_seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    ds_config = spec["ds_config"] if config is None else config
+    if spec["integration"] == "attach":
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        distclip.deepspeed.attach(engine)
+    else:
+        engine, *_ = distclip.deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config
+        )
+    return engine
+
+
+def train_steps(engine: Any, spec: dict[str, Any], steps: range) -> dict[str, list[Any]]:
+    """Run optimizer steps ``steps``; record DeepSpeed's norm and distclip's stats per step."""
+    rank = dist.get_rank()
+    dtype = torch.bfloat16 if spec["bf16"] else torch.float32
+    if spec.get("fp16"):
+        dtype = torch.float16
+    records: dict[str, list[Any]] = {
+        "engine_norm": [],
+        "total_norm": [],
+        "threshold": [],
+        "clip_coef": [],
+        "skipped": [],
+        "num_steps": [],
+        "overflow": [],
+        "loss_scale": [],
+    }
+    for step in steps:
+        for micro in range(spec["gas"]):
+            x, y = micro_batch(step, rank, micro)
+            loss = loss_fn(engine(x.to(dtype)), y)
+            if step == spec["nan_step"] and rank == 0:
+                loss = loss * math.nan
+            engine.backward(loss)
+            engine.step()
+        stats = engine.distclip.last_clip
+        records["engine_norm"].append(_norm_value(engine.get_global_grad_norm()))
+        for key, value in stats.as_floats().items():
+            if key in records:
+                records[key].append(value)
+        records["num_steps"].append(engine.distclip.clipper.num_steps)
+        records["overflow"].append(bool(getattr(engine.optimizer, "overflow", False)))
+        records["loss_scale"].append(float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0))
+    return records
+
+
+def run_specs(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Train every spec from scratch; per spec: records, final fp32 params, what was hooked."""
+    deepspeed = setup()
+    results = []
+    for spec in specs:
+        result: dict[str, Any] = {"name": spec["name"]}
+        try:
+            engine = build_engine(spec)
+            adapter = engine.distclip
+            result["wrapper"] = adapter.wrapper
+            result["hook_point"] = adapter.hook_point
+            result["optimizer_class"] = type(engine.optimizer).__name__
+            result["records"] = train_steps(engine, spec, range(spec["steps"]))
+            result["params"] = _full_fp32_params(deepspeed, engine)
+            result["checksum"] = adapter.clipper.state_checksum()
+            result["num_skipped"] = int(adapter.clipper.num_skipped)
+            _release(engine)
+        except Exception:
+            result["error"] = traceback.format_exc()
+        results.append(result)
+    return results
+
+
+def run_fp16(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`run_specs` with DeepSpeed's fp16 allowed on the CPU accelerator.
+
+    DeepSpeed refuses fp16 on a CPU without AVX-512 fp16 kernels; torch computes fp16
+    on the CPU anyway (slowly), which is all these small runs need. The check is
+    restored afterwards.
+    """
+    setup()
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    saved = accelerator.__dict__.get("is_fp16_supported")
+    accelerator.is_fp16_supported = lambda: True
+    try:
+        results = run_specs(specs)
+        refused = []
+        for stage in (0,):  # ZeRO 0 fp16: refused (DeepSpeed's own updates are off there)
+            spec = {**specs[0], "name": f"z{stage}-fp16-refused"}
+            config = {k: v for k, v in spec["ds_config"].items() if k != "zero_optimization"}
+            refused.append(_outcome(lambda c=config, s=spec: build_engine(s, config=c)))
+    finally:
+        if saved is None:
+            accelerator.__dict__.pop("is_fp16_supported", None)
+        else:
+            accelerator.is_fp16_supported = saved
+    return [*results, {"refused": refused}]
+
+
+def run_checkpoint(spec: dict[str, Any], directory: str, split: int) -> dict[str, Any]:
+    """Uninterrupted run vs. save after ``split`` steps and resume in a fresh engine.
+
+    The resumed engine starts from other weights and another ``gradient_clipping``
+    (DeepSpeed restores its own saved clip value on load: distclip must still win).
+    """
+    deepspeed = setup()
+    steps = spec["steps"]
+    out: dict[str, Any] = {"name": spec["name"]}
+    try:
+        engine = build_engine(spec)
+        out["full"] = train_steps(engine, spec, range(steps))
+        out["full_params"] = _full_fp32_params(deepspeed, engine)
+        _release(engine)
+
+        engine = build_engine(spec)
+        out["first"] = train_steps(engine, spec, range(split))
+        saved_state = engine.distclip.clipper.state_dict()
+        engine.save_checkpoint(directory, tag="split", client_state={"user_key": 7})
+        out["saved_num_steps"] = saved_state["num_steps"]
+        _release(engine)
+
+        resumed_config = {**spec["ds_config"], "gradient_clipping": 2.5}
+        engine = build_engine(spec, model_seed=123, config=resumed_config)
+        before = engine.distclip.clipper.num_steps
+        load_path, client_state = engine.load_checkpoint(directory, tag="split")
+        out["load_path"] = str(load_path)
+        out["client_state_keys"] = sorted(client_state)
+        out["user_key"] = client_state.get("user_key")
+        out["num_steps_before_load"] = before
+        out["num_steps_after_load"] = engine.distclip.clipper.num_steps
+        out["hooked_after_load"] = engine.distclip.hooked
+        out["ds_clip_after_load"] = (
+            engine.optimizer.clip_grad if hasattr(engine.optimizer, "clip_grad") else None
+        )
+        out["resumed"] = train_steps(engine, spec, range(split, steps))
+        out["resumed_params"] = _full_fp32_params(deepspeed, engine)
+        _release(engine)
+    except Exception:
+        out["error"] = traceback.format_exc()
+    return out
+
+
+def _outcome(fn: Any) -> str:
+    try:
+        fn()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def run_attach_checks(spec: dict[str, Any]) -> dict[str, Any]:
+    """Refusals at attach time and attach with explicit options, on engines of ``spec``."""
+    deepspeed = setup()
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    out: dict[str, Any] = {}
+    config = {k: v for k, v in spec["ds_config"].items() if k != "distclip"}
+
+    def plain_engine() -> Any:
+        model = make_model()
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config
+        )
+        return engine
+
+    # A method that needs more than the global norm: refused before any step.
+    engine = plain_engine()
+    for method in ("agc", "value", "coordinate_wise", "layer_wise"):
+        out[f"refuse_{method}"] = _outcome(lambda m=method: distclip.deepspeed.attach(engine, m))
+    out["no_adapter_after_refusal"] = "distclip" not in engine.__dict__
+
+    # Explicit options; no section in the config: the keywords decide.
+    adapter = distclip.deepspeed.attach(engine, "norm", max_norm=0.5)
+    out["explicit_method"] = adapter.method
+    out["explicit_max_norm"] = adapter.clipper.config.max_norm
+    out["double_attach"] = _outcome(lambda: distclip.deepspeed.attach(engine))
+    out["get_adapter_is_adapter"] = distclip.deepspeed.get_adapter(engine) is adapter
+    records = train_steps(engine, {**spec, "steps": 3}, range(3))
+    out["explicit_thresholds"] = records["threshold"]
+    # remove(): the wrapper is back to DeepSpeed's class and its own clip value.
+    adapter.remove()
+    out["removed_class"] = type(engine.optimizer).__name__
+    out["removed_clip_grad"] = engine.optimizer.clip_grad
+    out["removed_attr"] = "distclip" not in engine.__dict__
+    _release(engine)
+
+    # No "distclip" section and no options: AutoClip's defaults.
+    engine = plain_engine()
+    adapter = distclip.deepspeed.attach(engine)
+    out["default_method"] = adapter.method
+    out["default_section_present"] = adapter.section.present
+    _release(engine)
+
+    # A subclass of a supported wrapper: refused unless allow_unverified (then warned).
+    engine = plain_engine()
+    engine.optimizer.__class__ = type("CustomZero", (DeepSpeedZeroOptimizer,), {})
+    out["subclass_refused"] = _outcome(lambda: distclip.deepspeed.attach(engine))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distclip.deepspeed.attach(engine, allow_unverified=True)
+    out["subclass_warning"] = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    out["subclass_hook_point"] = engine.distclip.hook_point
+    _release(engine)
+
+    # Something that is no DeepSpeed wrapper at all, under ZeRO: refused.
+    engine = plain_engine()
+    engine.optimizer = torch.optim.SGD(engine.module.parameters(), lr=LR)
+    out["unknown_refused"] = _outcome(lambda: distclip.deepspeed.attach(engine))
+    _release(engine)
+
+    # Not an engine.
+    out["not_engine"] = _outcome(lambda: distclip.deepspeed.attach(torch.nn.Linear(2, 2)))
+    return out
