@@ -186,6 +186,13 @@ class Clipper:
         """
         plan = self.plan
         total_norm, measured = self._measure(plan)
+        finite = self._finite_or_raise(total_norm)
+        threshold, coef, clipped = self._apply(plan, total_norm, finite, measured)
+        self._count(finite, clipped)
+        return self._finish_step(total_norm, threshold, coef, ~finite)
+
+    def _finite_or_raise(self, total_norm: Tensor) -> Tensor:
+        """``isfinite(total_norm)``; with ``nonfinite="error"`` raise instead (a host read)."""
         finite = torch.isfinite(total_norm)
         if self.config.nonfinite == "error" and not bool(finite):
             raise NonFiniteNormError(
@@ -193,9 +200,7 @@ class Clipper:
                 f"{self.num_steps + 1}; nothing was modified. Use nonfinite='skip' to skip "
                 "such steps instead of raising."
             )
-        threshold, coef, clipped = self._apply(plan, total_norm, finite, measured)
-        self._count(finite, clipped)
-        return self._finish_step(total_norm, threshold, coef, ~finite)
+        return finite
 
     def _measure(self, plan: ReductionPlan) -> tuple[Tensor, Any]:
         """The global norm (0-dim) and whatever else the method measured on the way."""
@@ -246,13 +251,7 @@ class Clipper:
                 "not only the global norm, so it cannot be driven by an engine's own norm"
             )
         total_norm = total_norm.detach().to(self.plan.device, self.plan.dtype).reshape(())
-        finite = torch.isfinite(total_norm)
-        if self.config.nonfinite == "error" and not bool(finite):
-            raise NonFiniteNormError(
-                f"the global gradient norm is {float(total_norm)} at step "
-                f"{self.num_steps + 1}; nothing was modified. Use nonfinite='skip' to skip "
-                "such steps instead of raising."
-            )
+        finite = self._finite_or_raise(total_norm)
         threshold, coef, clipped, engine_threshold = self._external_threshold(total_norm, finite)
         self._count(finite, clipped)
         stats = self._finish_step(total_norm, threshold, coef, ~finite)

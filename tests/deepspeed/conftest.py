@@ -18,7 +18,7 @@ for _path in (str(_HERE.parent / "distributed"), str(_HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from harness import ProcessGroupHarness  # noqa: E402
+from harness import ProcessGroupHarness, running_group  # noqa: E402
 
 #: Seconds one ``group.run`` of many DeepSpeed configurations may take.
 DS_TIMEOUT = 600.0
@@ -28,12 +28,4 @@ DS_TIMEOUT = 600.0
 def ds_group() -> Iterator[ProcessGroupHarness]:
     """Two gloo ranks for DeepSpeed, started once per test module; checks they exit cleanly."""
     pytest.importorskip("deepspeed")
-    group = ProcessGroupHarness(world_size=2, timeout=DS_TIMEOUT, collective_timeout_s=900.0)
-    try:
-        group.start()
-        yield group
-    finally:
-        was_healthy = group.running
-        exitcodes = group.close()
-    if was_healthy:
-        assert exitcodes == [0, 0], f"workers did not exit cleanly: exit codes {exitcodes}"
+    yield from running_group(2, timeout=DS_TIMEOUT, collective_timeout_s=900.0)

@@ -48,7 +48,7 @@ import sys
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
@@ -466,3 +466,21 @@ class ProcessGroupHarness:
         self._broken = True
         self.kill()
         self._broken = True
+
+
+def running_group(world_size: int, **options: Any) -> Iterator[ProcessGroupHarness]:
+    """Body of a module-scoped fixture: a started group, closed after, exit codes all 0.
+
+    ``options`` go to :class:`ProcessGroupHarness`. A group that broke during the
+    module (a killed worker) is not checked at the end: its test already failed.
+    """
+    group = ProcessGroupHarness(world_size=world_size, **options)
+    try:
+        group.start()
+        yield group
+    finally:
+        was_healthy = group.running
+        exitcodes = group.close()
+    if was_healthy:
+        expected = [0] * world_size
+        assert exitcodes == expected, f"workers did not exit cleanly: exit codes {exitcodes}"
