@@ -36,7 +36,7 @@ def _train(model, opt, batches):  # type: ignore[no-untyped-def]
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-        out.append(opt.last_clip.threshold.clone())
+        out.append(torch.stack([opt.last_clip.threshold, opt.last_clip.clip_coef]).clone())
     return out
 
 
@@ -48,6 +48,24 @@ def _train(model, opt, batches):  # type: ignore[no-untyped-def]
                 m.parameters(), lr=0.05
             ),
             "sgd",
+        ),
+        (
+            lambda m: distclip.ClippedOptimizer(torch.optim.SGD, method="zclip", warmup_steps=3)(
+                m.parameters(), lr=0.05
+            ),
+            "zclip",
+        ),
+        (
+            lambda m: distclip.ClippedOptimizer(
+                torch.optim.SGD, method="quadratic_stoch_autoclip", q=0.3, window=5, seed=4
+            )(m.parameters(), lr=0.05, momentum=0.9),
+            "stoch-autoclip",
+        ),
+        (
+            lambda m: distclip.ClippedOptimizer(
+                torch.optim.SGD, method="linear_stoch_norm", max_norm=0.5, seed=4
+            )(m.parameters(), lr=0.05),
+            "stoch-norm",
         ),
         (
             lambda m: distclip.AutoClippedOptimizer(torch.optim.AdamW, q=0.3, window=6)(
@@ -72,7 +90,7 @@ def test_dcp_round_trip_resumes_exactly(tmp_path: Path, make_opt, label: str) ->
     opt2 = make_opt(model2)
     # DCP initialises a fresh optimizer's state with a fake step; it must not enter the window.
     model_sd2, optim_sd2 = get_state_dict(model2, opt2)
-    assert optim_sd2["param_groups"][0]["distclip"]["state"]["window"]["num_seen"].item() == 0
+    assert optim_sd2["param_groups"][0]["distclip"]["num_steps"] == 0
     state = {"model": model_sd2, "optim": optim_sd2}
     dcp.load(state, checkpoint_id=str(tmp_path / label))
     set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
