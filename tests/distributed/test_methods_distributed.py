@@ -448,3 +448,13 @@ def test_ddp_state_round_trip_resumes_exactly(
         assert bool((full["clip_coef"][STOP_AT:] < 1).any())
     assert_bits_equal(ranks[1]["resumed"]["checksum"], ranks[0]["resumed"]["checksum"], "ranks")
     assert_bits_equal(ranks[1]["resumed"]["threshold"], ranks[0]["resumed"]["threshold"], "ranks")
+
+
+def test_agc_refuses_layouts_that_split_rows(group2: ProcessGroupHarness) -> None:
+    """AGC needs whole rows: a dim-1 split (row-wise TP's weight) and FSDP1 flat shards
+    are refused at construction naming the layout; a dim-0 split (colwise TP) is fine."""
+    for outcome in group2.run(workers_methods.agc_refusals):
+        assert outcome["tp_colwise_weight"] == "built"
+        assert "method 'agc' needs every weight row whole on a rank" in outcome["tp_rowwise_weight"]
+        assert "Shard(dim=1)" in outcome["tp_rowwise_weight"]
+        assert "method 'agc' cannot run on FSDP1" in outcome["fsdp1"]

@@ -152,3 +152,37 @@ def round_trip_all(config_ids: list[str], steps: int, stop_at: int) -> dict[str,
         except Exception:
             out[config_id] = {"error": traceback.format_exc()}
     return out
+
+
+def agc_refusals() -> dict[str, str]:
+    """Build AGC on layouts that split rows; return each refusal's message (or "built")."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    import distclip
+
+    outcomes: dict[str, str] = {}
+
+    def attempt(name: str, params: Any, **layout: Any) -> None:
+        try:
+            distclip.make_clipper("agc", params, **layout)
+            outcomes[name] = "built"
+        except NotImplementedError as err:
+            outcomes[name] = str(err)
+
+    torch.manual_seed(0)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    attempt("tp_rowwise_weight", [model[2].weight])  # split along dim 1: rows are split
+    attempt("tp_colwise_weight", [model[0].weight])  # split along dim 0: rows whole
+    fsdp = FullyShardedDataParallel(
+        nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), device_id=torch.device("cpu")
+    )
+    attempt("fsdp1", list(fsdp.parameters()), model=fsdp)
+    return outcomes
