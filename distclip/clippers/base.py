@@ -146,6 +146,9 @@ class Clipper:
         self.num_steps = 0
         #: The :class:`ClipStats` of the last :meth:`clip_` (``None`` before the first).
         self.last_stats: ClipStats | None = None
+        #: The factor :meth:`clip_` left to the caller with ``defer_scale=True``.
+        self.deferred_coef: Tensor | None = None
+        self._defer_scale = False
         plan = self.plan  # built now: an unsupported layout is refused at construction
         self.num_skipped = torch.zeros((), dtype=torch.long, device=plan.device)
         self.num_clipped = torch.zeros((), dtype=torch.long, device=plan.device)
@@ -173,8 +176,14 @@ class Clipper:
         return self.plan.total_norm(self.config.norm_type, foreach=self.config.foreach)
 
     @torch.no_grad()
-    def clip_(self) -> ClipStats:
+    def clip_(self, *, defer_scale: bool = False) -> ClipStats:
         """Clip the gradients in place by this step's threshold; return what was seen.
+
+        With ``defer_scale=True``, a method whose rule is one global factor leaves the
+        gradients as they are and puts the factor in :attr:`deferred_coef` for the
+        caller to apply (a fused optimizer divides by ``1 / coef`` as its
+        ``grad_scale``, saving a pass over the gradients); other methods clip as usual
+        and leave :attr:`deferred_coef` ``None``.
 
         The returned ``skipped`` is true when the global norm is NaN/inf: the gradients
         are left untouched and the state is not updated; the caller must not apply
@@ -187,7 +196,12 @@ class Clipper:
         plan = self.plan
         total_norm, measured = self._measure(plan)
         finite = self._finite_or_raise(total_norm)
-        threshold, coef, clipped = self._apply(plan, total_norm, finite, measured)
+        self.deferred_coef = None
+        self._defer_scale = defer_scale
+        try:
+            threshold, coef, clipped = self._apply(plan, total_norm, finite, measured)
+        finally:
+            self._defer_scale = False
         self._count(finite, clipped)
         return self._finish_step(total_norm, threshold, coef, ~finite)
 
@@ -223,7 +237,10 @@ class Clipper:
         return threshold, coef, total_norm > threshold
 
     def _scale(self, plan: ReductionPlan, coef: Tensor) -> None:
-        """Multiply every local gradient by the 0-dim ``coef``."""
+        """Multiply every local gradient by the 0-dim ``coef`` (or defer it: see :meth:`clip_`)."""
+        if self._defer_scale:
+            self.deferred_coef = coef
+            return
         scale_(plan.grads(), coef, foreach=self.config.foreach)
 
     #: Whether the method's rule is one global factor ``min(1, threshold / (n + eps))``,

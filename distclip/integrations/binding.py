@@ -3,6 +3,9 @@
 * parameter tracking: the clipper follows the optimizer's param groups (a group
   added with ``add_param_group`` is picked up before the next step);
 * the clip before the update, recorded as ``optimizer.last_clip``;
+* folding the clip factor into torch's fused optimizers: they divide the gradients
+  by a ``grad_scale`` tensor in their own pass (the ``GradScaler`` mechanism), so
+  ``grad_scale = 1 / coef`` saves distclip's separate pass over the gradients;
 * skipping a step whose global norm is NaN/inf: torch's fused optimizers take a
   ``found_inf`` tensor and skip on the device (no host sync); any other optimizer
   needs one host read of the decision per step, as ``torch.amp.GradScaler`` does;
@@ -78,6 +81,9 @@ class SkipToken:
     set_found_inf: bool = False
     had_found_inf: bool = False
     previous_found_inf: Any = None
+    set_grad_scale: bool = False
+    had_grad_scale: bool = False
+    previous_grad_scale: Any = None
     hidden_grads: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
 
@@ -88,6 +94,7 @@ class OptimizerBinding:
         self.clipper = clipper
         self.signature = self._signature(optimizer)
         self._state_ready = False
+        self._folded_coef: Tensor | None = None
         self._pending_load: dict[str, Any] | None = None
         self._armed: SkipToken | None = None
 
@@ -104,12 +111,13 @@ class OptimizerBinding:
             self._state_ready = False
 
     def _optimizer_state_ready(self, optimizer: Optimizer) -> bool:
-        """True once every parameter with a gradient has optimizer state.
+        """True once every parameter with a gradient has optimizer state, or an update ran.
 
         A fused optimizer's first step allocates its state before the kernel reads
         ``found_inf``; torch's fused SGD allocates momentum with ``empty_like`` and
-        only the (skipped) kernel would have written it. Until the state exists, a
-        skip is therefore decided on the host. Cached: checked until it holds.
+        only the (skipped) kernel would have written it. Until the state exists (or a
+        real update has created all there is), a skip is therefore decided on the
+        host. Cached: checked until it holds.
         """
         if not self._state_ready:
             state = optimizer.state
@@ -130,7 +138,10 @@ class OptimizerBinding:
         if _in_dcp_state_init():
             return None
         self.refresh_params(optimizer)
-        stats = self.clipper.clip_()
+        # A fused optimizer applies the clip factor in its own pass (grad_scale).
+        fold = uses_fused_step(optimizer) and self._optimizer_state_ready(optimizer)
+        stats = self.clipper.clip_(defer_scale=fold)
+        self._folded_coef = self.clipper.deferred_coef if fold else None
         optimizer.last_clip = stats  # type: ignore[attr-defined]
         return stats
 
@@ -155,8 +166,27 @@ class OptimizerBinding:
             if isinstance(previous, Tensor):
                 flag = torch.maximum(flag.to(previous.device), previous.to(torch.float32))
             optimizer.found_inf = flag  # type: ignore[attr-defined]
+            folded, self._folded_coef = self._folded_coef, None
+            if folded is not None:
+                # The fused kernel divides every gradient by grad_scale: 1 / coef
+                # multiplies it by coef (after any GradScaler scale, which it divides).
+                token.set_grad_scale = True
+                token.had_grad_scale = "grad_scale" in optimizer.__dict__
+                previous_scale = optimizer.__dict__.get("grad_scale")
+                token.previous_grad_scale = previous_scale
+                scale = folded.to(torch.float32).reciprocal()
+                if isinstance(previous_scale, Tensor):
+                    scale = previous_scale.to(torch.float32) * scale.to(previous_scale.device)
+                optimizer.grad_scale = scale  # type: ignore[attr-defined]
             return token
+        if self._folded_coef is not None:  # cannot happen: folding implies fused
+            raise RuntimeError("distclip: a deferred clip factor reached a non-fused step")
         if self.clipper.config.nonfinite == "error" or not bool(stats.skipped):
+            if uses_fused_step(optimizer):
+                # This update runs for real, so it creates whatever state the fused
+                # optimizer keeps (none, for SGD without momentum): from the next
+                # step on, skips and the clip factor go through the device.
+                self._state_ready = True
             return token
         if can_bypass:
             token.run_base = False
@@ -175,6 +205,11 @@ class OptimizerBinding:
                 optimizer.found_inf = token.previous_found_inf  # type: ignore[attr-defined]
             else:
                 optimizer.__dict__.pop("found_inf", None)
+        if token.set_grad_scale:
+            if token.had_grad_scale:
+                optimizer.grad_scale = token.previous_grad_scale  # type: ignore[attr-defined]
+            else:
+                optimizer.__dict__.pop("grad_scale", None)
         for param, grad in token.hidden_grads:
             param.grad = grad
         token.hidden_grads.clear()

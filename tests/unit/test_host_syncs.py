@@ -57,6 +57,7 @@ def test_clip_has_no_sync(method: str, nan: bool) -> None:
     [
         (torch.optim.AdamW, {"lr": 1e-3, "fused": True}),
         (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "fused": True}),
+        (torch.optim.SGD, {"lr": 0.1, "fused": True}),
         (torch.optim.Adam, {"lr": 1e-3, "fused": True}),
     ],
 )
@@ -88,3 +89,34 @@ def test_non_fused_optimizer_pays_exactly_one_sync_for_the_skip_decision() -> No
     )
     opt.step()
     assert _syncs(opt.step) == baseline + 1
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.AdamW, torch.optim.SGD])
+def test_fused_step_folds_the_clip_into_the_optimizer_pass(
+    opt_cls: type[torch.optim.Optimizer],
+) -> None:
+    """From the second step, a fused optimizer applies the factor as grad_scale: no extra pass."""
+    model = _model_and_grads()
+    opt = distclip.AutoClippedOptimizer(opt_cls, q=0.1, window=10)(
+        model.parameters(), lr=1e-3, fused=True
+    )
+    opt.step()  # the first step scales separately while the optimizer state is created
+    grads = [p.grad.clone() for p in model.parameters()]
+    with OpCounter() as counter:
+        opt.step()
+    assert "_foreach_mul_" not in counter.ops
+    assert "grad_scale" not in opt.__dict__  # restored after the step
+    coef = float(opt.last_clip.clip_coef)
+    assert coef < 1.0
+    for p, g in zip(model.parameters(), grads, strict=True):  # the kernel leaves clipped grads
+        torch.testing.assert_close(p.grad, g * coef, rtol=1e-6, atol=1e-7)
