@@ -13,8 +13,9 @@ Run with torchrun (``launch/demo.sh`` does this)::
 
 Without torchrun the script runs as a single process (world size 1).
 
-``--layout`` picks the parallelism (``ddp``, ``fsdp1``, ``fsdp2``, ``tp``, ``fsdp2+tp``;
-the last needs an even number of ranks). A layout is a small function that wraps the
+``--layout`` picks the parallelism (``ddp``, ``fsdp1``, ``fsdp2``, ``tp``, ``fsdp2+tp``,
+which needs an even number of ranks, and ``deepspeed``: ZeRO-2, DeepSpeed's own norm
+driving distclip's threshold; it needs the ``deepspeed`` extra). A layout is a small function that wraps the
 model and says which data shard this rank trains on; see ``LAYOUTS``. Every layout
 trains the same model on the same global batches, so the norms, thresholds and losses
 it prints agree across layouts up to floating-point rounding.
@@ -36,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import distclip
+import distclip.deepspeed  # does not import DeepSpeed until it is used
 
 IN_FEATURES = 16
 HIDDEN = 64
@@ -84,6 +86,9 @@ class Prepared:
     #: on the device); fused SGD has no DTensor rule, and foreach cannot mix DTensors
     #: with plain tensors (TP leaves the output layer a plain tensor).
     sgd_impl: dict[str, bool] = field(default_factory=lambda: {"fused": True})
+    #: A DeepSpeed config: the model is trained by a DeepSpeed engine instead, and
+    #: distclip is configured by the config's "distclip" section.
+    deepspeed_config: dict[str, Any] | None = None
 
 
 def layout_ddp(model: nn.Module, env: DistEnv) -> Prepared:
@@ -147,6 +152,29 @@ def layout_fsdp2_tp(model: nn.Module, env: DistEnv) -> Prepared:
     )
 
 
+def layout_deepspeed(model: nn.Module, env: DistEnv) -> Prepared:
+    """DeepSpeed ZeRO-2: DeepSpeed computes the norm, distclip supplies the threshold."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise SystemExit(
+            "--layout deepspeed needs DeepSpeed: bash scripts/setup_env.sh demo,deepspeed "
+            "(or bash launch/deepspeed.sh for the DeepSpeed example)"
+        ) from err
+    # DeepSpeed's CPU backend would otherwise compile its shared-memory op (tens of s).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=env.backend)
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # set from --batch-size in train()
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 1.0,  # replaced by distclip's threshold every step
+        "steps_per_print": 10**9,
+    }
+    return Prepared(model, env.rank, env.world_size, deepspeed_config=config)
+
+
 #: Layout name -> function wrapping the model for that kind of parallelism.
 LAYOUTS: dict[str, Callable[[nn.Module, DistEnv], Prepared]] = {
     "ddp": layout_ddp,
@@ -154,6 +182,7 @@ LAYOUTS: dict[str, Callable[[nn.Module, DistEnv], Prepared]] = {
     "fsdp2": layout_fsdp2,
     "tp": layout_tp,
     "fsdp2+tp": layout_fsdp2_tp,
+    "deepspeed": layout_deepspeed,
 }
 
 
@@ -265,17 +294,51 @@ def train(args: argparse.Namespace, env: DistEnv) -> None:
             f"--batch-size {args.batch_size} must be divisible by the number of data "
             f"shards ({prepared.num_shards})"
         )
-    optimizer_cls = distclip.AutoClippedOptimizer(
-        torch.optim.SGD, q=args.q, window=args.window, max_norm=args.max_norm
-    )
-    optimizer = optimizer_cls(
-        model.parameters(),
-        lr=args.lr,
-        momentum=0.9,
-        **prepared.sgd_impl,
-        **prepared.optimizer_kwargs,
-    )
-    clipper = optimizer.clipper
+    if prepared.deepspeed_config is None:
+        optimizer_cls = distclip.AutoClippedOptimizer(
+            torch.optim.SGD, q=args.q, window=args.window, max_norm=args.max_norm
+        )
+        optimizer = optimizer_cls(
+            model.parameters(),
+            lr=args.lr,
+            momentum=0.9,
+            **prepared.sgd_impl,
+            **prepared.optimizer_kwargs,
+        )
+        clipper = optimizer.clipper
+
+        def update(loss: Tensor) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        def last_clip() -> distclip.ClipStats | None:
+            return optimizer.last_clip  # type: ignore[no-any-return]
+
+    else:
+        config = {
+            **prepared.deepspeed_config,
+            "train_micro_batch_size_per_gpu": args.batch_size // prepared.num_shards,
+            "distclip": {"method": "autoclip", "q": args.q, "window": args.window},
+        }
+        if args.max_norm is not None:
+            config["distclip"]["max_norm"] = args.max_norm
+        engine, *_ = distclip.deepspeed.initialize(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
+            config=config,
+        )
+        model = engine
+        adapter = distclip.deepspeed.get_adapter(engine)
+        clipper = adapter.clipper
+
+        def update(loss: Tensor) -> None:
+            engine.backward(loss)
+            engine.step()
+
+        def last_clip() -> distclip.ClipStats | None:
+            return adapter.last_clip
+
     assert isinstance(clipper, distclip.AutoClip)
 
     data = SyntheticRegression(args.seed)
@@ -300,10 +363,8 @@ def train(args: argparse.Namespace, env: DistEnv) -> None:
             if step == args.nan_step and prepared.shard == prepared.num_shards - 1:
                 y = torch.full_like(y, float("nan"))  # one rank only: DDP spreads it
             loss = nn.functional.mse_loss(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            stats = optimizer.last_clip
+            update(loss)
+            stats = last_clip()
             assert stats is not None
             norms.append(stats.total_norm.detach().clone())  # tensors: no host sync
             thresholds.append(stats.threshold.detach().clone())
