@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any, ClassVar
 
 import torch
@@ -28,7 +29,7 @@ from distclip.clippers.config import ClipConfig
 from distclip.clippers.stats import ClipStats
 from distclip.errors import NonFiniteNormError, RankDesyncError
 from distclip.functional import clip_coefficient, scale_, skip_aware_coefficient
-from distclip.reduction import ReductionPlan, all_gather_tensor, is_distributed
+from distclip.reduction import ReductionPlan, all_gather_tensor, is_distributed, wait_for_ranks
 
 __all__ = ["Clipper", "ParamsLike", "as_param_list"]
 
@@ -414,16 +415,25 @@ class Clipper:
         ]
         return torch.stack(parts)
 
-    def check_consistency(self, group: Any = None) -> None:
+    def check_consistency(
+        self, group: Any = None, *, timeout: timedelta | float | None = None
+    ) -> None:
         """Debug: raise if any rank's state differs from rank 0's (one all-gather, a sync).
 
-        Does nothing without an initialised process group.
+        Does nothing without an initialised process group. With ``timeout`` (seconds
+        or a ``timedelta``), every rank first waits at a barrier that, on gloo, fails
+        after ``timeout`` naming the ranks that never arrived (see
+        :func:`distclip.reduction.wait_for_ranks`); without it a missing rank is
+        reported by the process group's own timeout.
 
         Raises:
-            RankDesyncError: naming the ranks whose state differs from rank 0's.
+            RankDesyncError: naming the ranks whose state differs from rank 0's, or
+                the ranks that did not arrive within ``timeout``.
         """
         if not is_distributed():
             return
+        if timeout is not None:
+            wait_for_ranks(group, timeout)
         gathered = all_gather_tensor(self.state_checksum(), group)
         reference = gathered[0]
         bad = [

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from distclip.clippers import Clipper, ClipStats
+from distclip.functional.scaling import scale_
 
 __all__ = ["STATE_KEY", "OptimizerBinding", "SkipToken", "evaluate_closure", "uses_fused_step"]
 
@@ -97,6 +98,8 @@ class OptimizerBinding:
         self._folded_coef: Tensor | None = None
         self._pending_load: dict[str, Any] | None = None
         self._armed: SkipToken | None = None
+        #: A ``GradScaler``'s ``grad_scale`` that :meth:`before_step` divided out.
+        self._unscaled_from: Tensor | None = None
 
     @staticmethod
     def _signature(optimizer: Optimizer) -> tuple[int, ...]:
@@ -138,12 +141,35 @@ class OptimizerBinding:
         if _in_dcp_state_init():
             return None
         self.refresh_params(optimizer)
+        self._unscale_amp_grads(optimizer)
         # A fused optimizer applies the clip factor in its own pass (grad_scale).
         fold = uses_fused_step(optimizer) and self._optimizer_state_ready(optimizer)
         stats = self.clipper.clip_(defer_scale=fold)
         self._folded_coef = self.clipper.deferred_coef if fold else None
         optimizer.last_clip = stats  # type: ignore[attr-defined]
         return stats
+
+    def _unscale_amp_grads(self, optimizer: Optimizer) -> None:
+        """Divide out a ``GradScaler``'s scale that is still in the gradients.
+
+        ``GradScaler.step`` on a fused torch optimizer whose gradients were not
+        ``unscale_``-d sets ``optimizer.grad_scale`` and leaves the unscaling to the
+        fused kernel; the gradients distclip sees are then ``scale`` times too large,
+        and their norm must not enter the window. Unscale them here (one pass, what
+        ``scaler.unscale_(optimizer)`` would have done) and hide ``grad_scale`` from
+        the kernel for this step; :meth:`disarm_skip` puts it back. Calling
+        ``scaler.unscale_(optimizer)`` before ``scaler.step`` (torch's advice for
+        clipping) avoids this: ``grad_scale`` is then ``None``.
+        """
+        scale = optimizer.__dict__.get("grad_scale")
+        if not isinstance(scale, Tensor):
+            return
+        grads = self.clipper.plan.grads()
+        if grads:
+            inv_scale = scale.detach().to(torch.float32).reciprocal()
+            scale_(grads, inv_scale, foreach=self.clipper.config.foreach)
+        self._unscaled_from = scale
+        optimizer.grad_scale = None  # type: ignore[attr-defined]
 
     def arm_skip(self, optimizer: Optimizer, stats: ClipStats, *, can_bypass: bool) -> SkipToken:
         """Prepare the optimizer so that a NaN/inf step changes nothing.
@@ -213,6 +239,9 @@ class OptimizerBinding:
         for param, grad in token.hidden_grads:
             param.grad = grad
         token.hidden_grads.clear()
+        if self._unscaled_from is not None:
+            optimizer.grad_scale = self._unscaled_from  # type: ignore[attr-defined]
+            self._unscaled_from = None
 
     # ------------------------------------------------------------ checkpoints
     def add_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from distclip.reduction.collectives import (
     all_reduce_powsum,
     collective_device,
     is_distributed,
+    wait_for_ranks,
 )
 from distclip.reduction.layouts import Placement, is_dtensor, local_tensor, mark_shared
 from distclip.reduction.plan import GradGroup, ReductionPlan
@@ -23,4 +24,5 @@ __all__ = [
     "is_dtensor",
     "local_tensor",
     "mark_shared",
+    "wait_for_ranks",
 ]

@@ -7,6 +7,8 @@ moved there and back (a device-to-device copy, never a read by the host).
 from __future__ import annotations
 
 import math
+import re
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -17,6 +19,7 @@ __all__ = [
     "all_reduce_powsum",
     "collective_device",
     "is_distributed",
+    "wait_for_ranks",
 ]
 
 
@@ -62,3 +65,33 @@ def all_gather_tensor(tensor: Tensor, group: dist.ProcessGroup | None = None) ->
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     return gathered
+
+
+def wait_for_ranks(group: dist.ProcessGroup | None, timeout: timedelta | float) -> None:
+    """A barrier that fails within ``timeout`` naming the ranks that never arrived.
+
+    On gloo this is ``torch.distributed.monitored_barrier(wait_all_ranks=True)``, whose
+    error lists every missing rank. Other backends have no monitored barrier: there
+    the process group's own timeout (``init_process_group(timeout=...)``) is what
+    turns a missing rank into an error, and this returns at once.
+
+    Raises:
+        ValueError: ``timeout`` is not a positive number of seconds.
+        RankDesyncError: some rank did not reach the barrier within ``timeout``.
+    """
+    from distclip.errors import RankDesyncError
+
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if "gloo" not in str(dist.get_backend(group)):
+        return
+    try:
+        dist.monitored_barrier(group, timeout=timedelta(seconds=seconds), wait_all_ranks=True)
+    except RuntimeError as error:
+        found = re.search(r"Ranks? ([\d, ]+) failed", str(error))
+        missing = [int(r) for r in found.group(1).replace(",", " ").split()] if found else "?"
+        raise RankDesyncError(
+            f"distclip: rank(s) {missing} did not reach the consistency check within "
+            f"{seconds:g} s (crashed, hung, or skipped a step?): {error}"
+        ) from error
