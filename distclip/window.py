@@ -14,7 +14,10 @@ from torch import Tensor
 
 from distclip.functional import prefix_quantile
 
-__all__ = ["NormWindow"]
+__all__ = ["COUNT_DTYPES", "NormWindow"]
+
+#: dtypes a saved count may have (``bool`` is not a count).
+COUNT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class NormWindow:
@@ -29,6 +32,12 @@ class NormWindow:
     def __init__(
         self, size: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> None:
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"window size must be an integer >= 1, got {size!r}")
+        if size < 1:
+            raise ValueError(f"window size must be an integer >= 1, got {size!r}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"window dtype must be a floating-point dtype, got {dtype}")
         self.size = size
         self.values = torch.zeros(size, dtype=dtype, device=device)
         self.num_seen = torch.zeros((), dtype=torch.long, device=device)
@@ -71,43 +80,77 @@ class NormWindow:
         return {"size": self.size, "values": self.values, "num_seen": self.num_seen}
 
     def validate_state_dict(self, state: Any) -> None:
-        """Raise ``TypeError``/``ValueError`` if ``state`` cannot be loaded into this window."""
+        """Raise ``TypeError``/``ValueError`` if ``state`` cannot be loaded into this window.
+
+        Checks the type of ``state``, the saved size against this window's, the shape,
+        dtype and device of both tensors, ``num_seen >= 0``, and that every valid entry
+        is finite in this window's dtype. Reads the tensors on the host (a load is not
+        on the hot path).
+        """
         if not isinstance(state, dict):
             raise TypeError(f"a window state must be a dict, got {type(state).__name__}")
-        size = state.get("size")
+        missing = [key for key in ("size", "values", "num_seen") if key not in state]
+        if missing:
+            raise ValueError(
+                f"the window state misses {', '.join(map(repr, missing))}; it needs 'size', "
+                "'values' and 'num_seen' (as NormWindow.state_dict() writes them)"
+            )
+        size = state["size"]
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ValueError(f"the saved window 'size' must be an int >= 1, got {size!r}")
         if size != self.size:
             raise ValueError(
-                f"the saved window holds {size!r} norms but this clipper's window is "
-                f"{self.size}; build the clipper with window={size!r} to resume from it"
+                f"the saved window holds {size} norms but this clipper's window is "
+                f"{self.size}; build the clipper with window={size} to resume from it"
             )
-        values, num_seen = state.get("values"), state.get("num_seen")
+        values, num_seen = state["values"], state["num_seen"]
         if (
             not isinstance(values, Tensor)
-            or values.shape != (self.size,)
+            or tuple(values.shape) != (self.size,)
             or not values.is_floating_point()
         ):
+            described = (
+                f"a {values.dtype} tensor of shape {tuple(values.shape)}"
+                if isinstance(values, Tensor)
+                else type(values).__name__
+            )
             raise ValueError(
                 f"window 'values' must be a floating-point tensor of shape ({self.size},), "
-                f"got {values!r:.80}"
+                f"got {described}"
             )
-        if (
-            not isinstance(num_seen, Tensor)
-            or num_seen.shape != ()
-            or num_seen.is_floating_point()
-            or int(num_seen) < 0
-        ):
+        if not isinstance(num_seen, Tensor) or tuple(num_seen.shape) != ():
             raise ValueError(
-                f"window 'num_seen' must be a 0-dim integer tensor >= 0, got {num_seen!r}"
+                f"window 'num_seen' must be a 0-dim integer tensor >= 0, got {num_seen!r:.80}"
             )
-        if not bool(torch.isfinite(values[: min(int(num_seen), self.size)]).all()):
-            raise ValueError("window 'values' holds a NaN or inf among its valid entries")
+        if num_seen.dtype not in COUNT_DTYPES:
+            raise ValueError(
+                f"window 'num_seen' must be a 0-dim integer tensor >= 0, got dtype {num_seen.dtype}"
+            )
+        for name, tensor in (("values", values), ("num_seen", num_seen)):
+            if tensor.is_meta:
+                raise ValueError(
+                    f"window {name!r} is on the meta device and holds no data; load a "
+                    "checkpoint with real tensors"
+                )
+        seen = int(num_seen)
+        if seen < 0:
+            raise ValueError(f"window 'num_seen' must be a 0-dim integer tensor >= 0, got {seen}")
+        valid = values[: min(seen, self.size)].to(self.values.dtype)
+        if not bool(torch.isfinite(valid).all()):
+            raise ValueError(
+                "window 'values' holds a NaN or inf among its valid entries (in "
+                f"{self.values.dtype}); a window only ever holds finite norms"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict` (validated first; nothing changes on error).
 
-        The tensors are copied onto this window's device; the dtype is the saved one.
+        The tensors are copied onto this window's device and dtype (a floating-point
+        state of another precision is cast, as ``torch.optim.Optimizer.load_state_dict``
+        casts floating-point state to the parameter's dtype).
         """
         self.validate_state_dict(state)
-        device = self.values.device
-        self.values = state["values"].detach().to(device, copy=True)
-        self.num_seen = state["num_seen"].detach().to(device, torch.long, copy=True)
+        device, dtype = self.values.device, self.values.dtype
+        values = state["values"].detach().to(device, dtype, copy=True)
+        num_seen = state["num_seen"].detach().to(device, torch.long, copy=True)
+        self.values, self.num_seen = values, num_seen

@@ -30,6 +30,7 @@ from distclip.clippers.stats import ClipStats
 from distclip.errors import NonFiniteNormError, RankDesyncError
 from distclip.functional import clip_coefficient, scale_, skip_aware_coefficient
 from distclip.reduction import ReductionPlan, all_gather_tensor, is_distributed, wait_for_ranks
+from distclip.window import COUNT_DTYPES
 
 __all__ = ["Clipper", "ParamsLike", "as_param_list"]
 
@@ -43,23 +44,39 @@ def as_param_list(params: ParamsLike) -> list[Tensor]:
     """Flatten tensors or param groups into a list of distinct tensors (order kept).
 
     Raises:
-        TypeError: ``params`` is a single tensor, or holds something that is not one.
-        ValueError: ``params`` is empty (for example a generator already consumed).
+        TypeError: ``params`` is a single tensor or dict, is not iterable, or holds
+            something that is not a tensor.
+        ValueError: ``params`` is empty (for example a generator already consumed); a
+            param-group dict has no ``"params"``; a tensor is on the meta device.
     """
-    if isinstance(params, Tensor):
+    if isinstance(params, (Tensor, dict)):
+        kind = "Tensor" if isinstance(params, Tensor) else "dict"
         raise TypeError(
             "params must be an iterable of tensors or of param-group dicts, got a single "
-            "Tensor; wrap it in a list"
+            f"{kind}; wrap it in a list"
+        )
+    if not isinstance(params, Iterable):
+        raise TypeError(
+            "params must be an iterable of tensors or of param-group dicts, got "
+            f"{type(params).__name__}"
         )
     flat: list[Tensor] = []
     seen: set[int] = set()
     for entry in params:
+        if isinstance(entry, dict) and "params" not in entry:
+            raise ValueError(f"a param-group dict needs a 'params' entry, got keys {sorted(entry)}")
         tensors = entry["params"] if isinstance(entry, dict) else [entry]
         if isinstance(tensors, Tensor):
             tensors = [tensors]
         for tensor in tensors:
             if not isinstance(tensor, Tensor):
                 raise TypeError(f"params must hold tensors, got {type(tensor).__name__}")
+            if tensor.is_meta:
+                raise ValueError(
+                    f"parameter {len(flat)} (shape {tuple(tensor.shape)}) is on the meta "
+                    "device: it holds no data and gets no gradient to clip; materialise the "
+                    "model first (e.g. model.to_empty(device=...) and initialise it)"
+                )
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 flat.append(tensor)
@@ -353,11 +370,20 @@ class Clipper:
         }
 
     def validate_state_dict(self, state_dict: Any) -> None:
-        """Raise ``TypeError``/``ValueError`` if ``state_dict`` cannot be loaded here."""
+        """Raise ``TypeError``/``ValueError`` if ``state_dict`` cannot be loaded here.
+
+        Checks everything :meth:`load_state_dict` reads (reading the counters on the
+        host: a load is not on the hot path), so that a load that passes cannot fail
+        half-way.
+        """
         if not isinstance(state_dict, dict):
             raise TypeError(f"a clipper state_dict must be a dict, got {type(state_dict).__name__}")
         version = state_dict.get("format_version")
-        if not isinstance(version, int) or not 1 <= version <= self.FORMAT_VERSION:
+        if (
+            isinstance(version, bool)
+            or not isinstance(version, int)
+            or not 1 <= version <= self.FORMAT_VERSION
+        ):
             raise ValueError(
                 f"clipper state format_version {version!r} is not supported; this distclip "
                 f"reads versions 1 to {self.FORMAT_VERSION}"
@@ -368,12 +394,21 @@ class Clipper:
                 f"the state_dict was saved by method {method!r} but this clipper is "
                 f"{self.method!r}; build the clipper with method={method!r} to resume from it"
             )
-        if not isinstance(state_dict.get("num_steps"), int) or state_dict["num_steps"] < 0:
-            raise ValueError(f"num_steps must be an int >= 0, got {state_dict.get('num_steps')!r}")
+        num_steps = state_dict.get("num_steps")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+            raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
         for key in ("num_skipped", "num_clipped"):
             value = state_dict.get(key)
-            if not isinstance(value, Tensor) or value.shape != () or value.is_floating_point():
-                raise ValueError(f"{key} must be a 0-dim integer tensor, got {value!r}")
+            if not isinstance(value, Tensor) or value.shape != ():
+                raise ValueError(f"{key} must be a 0-dim integer tensor >= 0, got {value!r:.80}")
+            if value.dtype not in COUNT_DTYPES:
+                raise ValueError(
+                    f"{key} must be a 0-dim integer tensor >= 0, got dtype {value.dtype}"
+                )
+            if value.is_meta:
+                raise ValueError(f"{key} is on the meta device and holds no data")
+            if int(value) < 0:
+                raise ValueError(f"{key} must be a 0-dim integer tensor >= 0, got {int(value)}")
         state = state_dict.get("state")
         if not isinstance(state, dict):
             raise ValueError(f"the method state must be a dict, got {type(state).__name__}")
@@ -391,10 +426,11 @@ class Clipper:
                 saved_config,
             )
         device = self.num_skipped.device
-        self.num_steps = state_dict["num_steps"]
-        self.num_skipped = state_dict["num_skipped"].detach().to(device, torch.long, copy=True)
-        self.num_clipped = state_dict["num_clipped"].detach().to(device, torch.long, copy=True)
+        num_skipped = state_dict["num_skipped"].detach().to(device, torch.long, copy=True)
+        num_clipped = state_dict["num_clipped"].detach().to(device, torch.long, copy=True)
         self._load_state(state_dict["state"])
+        self.num_steps = state_dict["num_steps"]
+        self.num_skipped, self.num_clipped = num_skipped, num_clipped
 
     def reset(self) -> None:
         """Forget the history: counters to zero, the method's state emptied."""

@@ -21,6 +21,7 @@ __all__ = [
     "ClipConfig",
     "check_choice",
     "check_int",
+    "check_nonnegative_finite",
     "check_optional_bool",
     "check_positive_finite",
     "check_unit_interval",
@@ -67,10 +68,25 @@ def check_positive_finite(name: str, value: Any, *, allow_none: bool = False) ->
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else ``ValueError`` listing them."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    """``value`` if it is one of ``choices``, else a typed error listing them.
+
+    ``TypeError`` when ``value`` is not a string, ``ValueError`` when it is another one.
+    """
+    listed = ", ".join(map(repr, choices))
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {listed}; got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {listed}; got {value!r}")
     return value
+
+
+def check_nonnegative_finite(name: str, value: Any) -> float:
+    """``value`` as a finite float >= 0, else ``TypeError``/``ValueError`` naming ``name``."""
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a finite number >= 0 (a real number), got {value!r}")
+    if not (math.isfinite(float(value)) and float(value) >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0 (0 <= {name} < inf), got {value!r}")
+    return float(value)
 
 
 def check_optional_bool(name: str, value: Any) -> bool | None:
@@ -113,9 +129,7 @@ class ClipConfig:
     def __post_init__(self) -> None:
         self._set("norm_type", validate_norm_type(self.norm_type))
         check_choice("nonfinite", self.nonfinite, NONFINITE_CHOICES)
-        if not _is_real(self.eps) or not (0.0 <= float(self.eps) < math.inf):
-            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
-        self._set("eps", float(self.eps))
+        self._set("eps", check_nonnegative_finite("eps", self.eps))
         check_optional_bool("foreach", self.foreach)
         check_int("check_every", self.check_every, minimum=0)
         if not isinstance(self.check_first_step, bool):

@@ -44,11 +44,17 @@ def available_methods() -> tuple[str, ...]:
 
 
 def resolve_method(method: str) -> type[Clipper]:
-    """The clipper class of ``method``; ``ValueError`` listing the valid names if unknown."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(
-            f"unknown clipping method {method!r}; valid methods: {', '.join(available_methods())}"
-        )
+    """The clipper class of ``method``.
+
+    Raises:
+        TypeError: ``method`` is not a string (the valid names are listed).
+        ValueError: an unknown name (the valid names are listed).
+    """
+    valid = ", ".join(available_methods())
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, one of: {valid}; got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"unknown clipping method {method!r}; valid methods: {valid}")
     return METHODS[method]
 
 
@@ -67,6 +73,7 @@ def make_clipper(
 
     Raises:
         ValueError: unknown method or an option out of range.
-        TypeError: an unknown option or a value of the wrong type.
+        TypeError: a method that is not a string; an unknown option or a value of the
+            wrong type.
     """
     return resolve_method(method)(params, model=model, pipeline_groups=pipeline_groups, **options)

@@ -17,6 +17,7 @@ from distclip.clippers.config import (
     check_positive_finite,
 )
 from distclip.reduction import ReductionPlan
+from distclip.window import COUNT_DTYPES
 
 __all__ = ["ZClip", "ZClipConfig"]
 
@@ -142,14 +143,38 @@ class ZClip(Clipper):
                     f"a zclip state needs '{key}' as a tensor of shape {shape} "
                     f"(warmup_steps={size}), got {value!r:.80}"
                 )
-        if state["num_seen"].is_floating_point() or int(state["num_seen"]) < 0:
-            raise ValueError(f"zclip 'num_seen' must be an integer >= 0, got {state['num_seen']!r}")
+            if value.is_meta:
+                raise ValueError(f"zclip {key!r} is on the meta device and holds no data")
+            integer = key == "num_seen"
+            if integer and value.dtype not in COUNT_DTYPES:
+                raise ValueError(f"zclip 'num_seen' must be an integer tensor, got {value.dtype}")
+            if not integer and not value.is_floating_point():
+                raise ValueError(
+                    f"zclip {key!r} must be a floating-point tensor, got {value.dtype}"
+                )
+        num_seen = int(state["num_seen"])
+        if num_seen < 0:
+            raise ValueError(f"zclip 'num_seen' must be an integer >= 0, got {num_seen}")
+        dtype = self.mean.dtype
+        valid = state["warmup_norms"][: min(num_seen, size)].to(dtype)
+        mean, var = state["mean"].to(dtype), state["var"].to(dtype)
+        if not bool(torch.isfinite(valid).all() & torch.isfinite(mean) & torch.isfinite(var)):
+            raise ValueError(
+                f"a zclip state must hold finite numbers (in {dtype}): 'mean', 'var' and the "
+                "valid 'warmup_norms' entries; got a NaN or inf"
+            )
+        if bool(var < 0):
+            raise ValueError(f"zclip 'var' must be >= 0, got {float(var)}")
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        device = self.mean.device
-        for key in ("warmup_norms", "mean", "var"):
-            setattr(self, key, state[key].detach().to(device, copy=True))
-        self.num_seen = state["num_seen"].detach().to(device, torch.long, copy=True)
+        device, dtype = self.mean.device, self.mean.dtype
+        loaded = {
+            key: state[key].detach().to(device, dtype, copy=True)
+            for key in ("warmup_norms", "mean", "var")
+        }
+        loaded["num_seen"] = state["num_seen"].detach().to(device, torch.long, copy=True)
+        for key, value in loaded.items():
+            setattr(self, key, value)
 
     def _reset_state(self) -> None:
         for tensor in (self.warmup_norms, self.num_seen, self.mean, self.var):

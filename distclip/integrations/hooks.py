@@ -14,6 +14,11 @@ from torch.utils.hooks import RemovableHandle
 
 from distclip.clippers import Clipper, make_clipper
 from distclip.integrations.binding import OptimizerBinding, evaluate_closure
+from distclip.integrations.optimizer import (
+    ClippedOptimizerMixin,
+    check_param_groups,
+    check_state_dict_type,
+)
 
 __all__ = ["ClipHandle", "attach", "get_clipper"]
 
@@ -94,18 +99,28 @@ def attach(
         A :class:`ClipHandle`; ``handle.remove()`` detaches.
 
     Raises:
-        TypeError: ``optimizer`` is not an optimizer; an unknown option.
-        ValueError: a clipper is already attached; an unknown method or bad option.
+        TypeError: ``optimizer`` is not an optimizer; ``method`` is not a string; an
+            unknown option or one of the wrong type.
+        ValueError: a clipper is already attached; an unknown method or an option out
+            of range; no parameter requires grad, or one is on the meta device.
+            Nothing is attached when it raises.
     """
     if not isinstance(optimizer, Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if isinstance(optimizer, ClippedOptimizerMixin):
+        raise ValueError(
+            f"this optimizer ({type(optimizer).__name__}) already clips its gradients: it "
+            "was built by distclip.ClippedOptimizer; attach to a plain torch optimizer, or "
+            "build the class with the method you want"
         )
     if getattr(optimizer, "_distclip", None) is not None:
         raise ValueError(
             "this optimizer already clips its gradients with distclip; remove the first "
             "clipper (handle.remove()) before attaching another"
         )
+    check_param_groups(optimizer.param_groups)
     clipper = make_clipper(
         method, optimizer.param_groups, model=model, pipeline_groups=pipeline_groups, **options
     )
@@ -130,6 +145,7 @@ def attach(
         return binding.add_state(state_dict)
 
     def take_state(opt: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        check_state_dict_type(state_dict)
         return binding.take_state(state_dict)
 
     def apply_state(opt: Optimizer) -> None:

@@ -18,7 +18,13 @@ from torch.optim import Optimizer
 from distclip.clippers import ClipConfig, Clipper, ClipStats, resolve_method
 from distclip.integrations.binding import OptimizerBinding, evaluate_closure
 
-__all__ = ["AutoClippedOptimizer", "ClippedOptimizer", "ClippedOptimizerMixin"]
+__all__ = [
+    "AutoClippedOptimizer",
+    "ClippedOptimizer",
+    "ClippedOptimizerMixin",
+    "check_param_groups",
+    "check_state_dict_type",
+]
 
 _O = TypeVar("_O", bound=Optimizer)
 
@@ -30,6 +36,41 @@ def _unhooked(func: Any) -> Any:
     while getattr(func, "hooked", False) and hasattr(func, "__wrapped__"):
         func = func.__wrapped__
     return func
+
+
+def check_param_groups(param_groups: list[dict[str, Any]]) -> None:
+    """Refuse an optimizer's parameters that distclip cannot clip, before anything is built.
+
+    Some parameters not requiring grad (frozen layers) are fine; none requiring grad
+    means autograd will never give them a gradient. A parameter on the ``meta``
+    device holds no data: the model was not materialised.
+
+    Raises:
+        ValueError: no parameter requires grad, or one is on the meta device.
+    """
+    params = [p for group in param_groups for p in group["params"]]
+    for index, param in enumerate(params):
+        if isinstance(param, Tensor) and param.is_meta:
+            raise ValueError(
+                f"parameter {index} of {len(params)} (shape {tuple(param.shape)}) is on the "
+                "meta device: it holds no data and gets no gradient to clip; materialise the "
+                "model first (e.g. model.to_empty(device=...) and initialise it)"
+            )
+    if params and not any(isinstance(p, Tensor) and p.requires_grad for p in params):
+        raise ValueError(
+            f"none of the {len(params)} parameters requires grad, so autograd never gives "
+            "them a gradient to clip; pass the trainable parameters, or set "
+            "requires_grad=True on them"
+        )
+
+
+def check_state_dict_type(state_dict: Any) -> None:
+    """``TypeError`` unless ``state_dict`` is a dict (what ``optimizer.state_dict()`` returns)."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(
+            "the optimizer state_dict must be a dict (what optimizer.state_dict() returns), "
+            f"got {type(state_dict).__name__}"
+        )
 
 
 def _rebuild(base: type[Optimizer], method: str, options: dict[str, Any]) -> Optimizer:
@@ -67,6 +108,7 @@ class ClippedOptimizerMixin:
             pipeline_groups: process group(s) summing the pipeline stages' norms.
         """
         super().__init__(*args, **kwargs)
+        check_param_groups(self.param_groups)
         clipper = self._distclip_clipper_cls.from_config(
             self.param_groups, self._distclip_config, model=model, pipeline_groups=pipeline_groups
         )
@@ -125,7 +167,15 @@ class ClippedOptimizerMixin:
         return self._distclip.add_state(super().state_dict())  # type: ignore[misc]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load an optimizer state_dict; the clipper entry is validated before anything loads."""
+        """Load an optimizer state_dict; the clipper entry is validated before anything loads.
+
+        Raises:
+            TypeError: ``state_dict`` is not a dict, or its clipper entry is not one.
+            ValueError: the clipper entry does not fit this clipper (another method,
+                window size or format version, a tensor of the wrong shape or dtype);
+                neither the optimizer nor the clipper has changed.
+        """
+        check_state_dict_type(state_dict)
         stripped = self._distclip.take_state(state_dict)
         super().load_state_dict(stripped)  # type: ignore[misc]
         self._distclip.apply_taken_state()
@@ -160,9 +210,13 @@ def ClippedOptimizer(optimizer_cls: type[_O], method: str = "autoclip", **option
             ``foreach``, ``check_every``.
 
     Raises:
-        TypeError: ``optimizer_cls`` is not an optimizer class; an unknown option.
+        TypeError: ``optimizer_cls`` is not an optimizer class; ``method`` is not a
+            string; an unknown option or one of the wrong type.
         ValueError: an unknown method; an option out of range; a class that
             already clips.
+
+    Its instances raise ``ValueError`` at construction when no parameter requires grad
+    or one is on the meta device (see :func:`check_param_groups`).
     """
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
         raise TypeError(
