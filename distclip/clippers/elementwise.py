@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from distclip.clippers.base import Clipper
 from distclip.clippers.config import ClipConfig, check_positive_finite
+from distclip.clippers.stats import ClipStats
 from distclip.functional import powsum_to_norm
 from distclip.reduction import ReductionPlan, local_tensor
 
@@ -62,6 +64,37 @@ class ValueClip(Clipper):
             lower, upper = bounds[key]
             grad.clamp_(min=lower, max=upper)
         return threshold, torch.ones_like(total_norm), None
+
+    @torch.no_grad()
+    def observe_clamp_(self, total_norm: Tensor) -> ClipStats:
+        """Record a step whose norm an engine computed and whose clamp the caller applies.
+
+        For engines that compute the pre-clip global norm themselves (DeepSpeed): the
+        norm updates the counters exactly as in :meth:`clip_` (``num_skipped`` for a
+        NaN/inf norm, the consistency checks), but no gradient is touched; the caller
+        clamps with :meth:`clamp_` and does not clip by the norm. The stats are those
+        of :meth:`clip_`: ``threshold`` is ``clip_value``, ``clip_coef`` 1. No host
+        read, except with ``nonfinite="error"``.
+
+        Raises:
+            NonFiniteNormError: as in :meth:`clip_`.
+        """
+        total_norm = total_norm.detach().to(self.plan.device, self.plan.dtype).reshape(())
+        finite = self._finite_or_raise(total_norm)
+        self._count(finite, None)
+        threshold = torch.full_like(total_norm, self.config.clip_value)
+        return self._finish_step(total_norm, threshold, torch.ones_like(total_norm), ~finite)
+
+    @torch.no_grad()
+    def clamp_(self, grads: Iterable[Tensor]) -> None:
+        """Clamp every element of ``grads`` to ``[-clip_value, clip_value]``, in place.
+
+        Element by element, so exact on any piece of the gradients (a flat ZeRO
+        partition included); no communication, no host read.
+        """
+        bound = self.config.clip_value
+        for grad in grads:
+            grad.clamp_(min=-bound, max=bound)
 
 
 class CoordinateWiseClip(ValueClip):

@@ -15,6 +15,7 @@ import math
 import os
 import traceback
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -160,8 +161,9 @@ def run_specs(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return results
 
 
-def run_fp16(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """:func:`run_specs` with DeepSpeed's fp16 allowed on the CPU accelerator.
+@contextlib.contextmanager
+def _fp16_allowed() -> Iterator[None]:
+    """DeepSpeed's fp16 allowed on the CPU accelerator, for the duration of the block.
 
     DeepSpeed refuses fp16 on a CPU without AVX-512 fp16 kernels; torch computes fp16
     on the CPU anyway (slowly), which is all these small runs need. The check is
@@ -174,18 +176,152 @@ def run_fp16(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     saved = accelerator.__dict__.get("is_fp16_supported")
     accelerator.is_fp16_supported = lambda: True
     try:
+        yield
+    finally:
+        if saved is None:
+            accelerator.__dict__.pop("is_fp16_supported", None)
+        else:
+            accelerator.is_fp16_supported = saved
+
+
+def run_fp16(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`run_specs` with DeepSpeed's fp16 allowed on the CPU accelerator."""
+    with _fp16_allowed():
         results = run_specs(specs)
         refused = []
         for stage in (0,):  # ZeRO 0 fp16: refused (DeepSpeed's own updates are off there)
             spec = {**specs[0], "name": f"z{stage}-fp16-refused"}
             config = {k: v for k, v in spec["ds_config"].items() if k != "zero_optimization"}
             refused.append(_outcome(lambda c=config, s=spec: build_engine(s, config=c)))
-    finally:
-        if saved is None:
-            accelerator.__dict__.pop("is_fp16_supported", None)
-        else:
-            accelerator.is_fp16_supported = saved
     return [*results, {"refused": refused}]
+
+
+class InnerStepProbe:
+    """Watches every ``step()`` of the optimizers that update the fp32 master weights.
+
+    Through torch's *global* step hooks, which run before the optimizer's own pre-hooks
+    (distclip's clamp) and after its post-hooks: each call sees the gradients before the
+    clamp and, afterwards, the clamped gradients and the updated parameters. Per
+    optimizer step it keeps: the calls, the elements and how many exceed ``bound``, the
+    sum of squares of the gradients before the clamp (this rank's elements), and the
+    largest deviation of the gradients from ``clamp(g, -bound, bound)`` and of the
+    parameters from SGD's ``p - lr * clamp(g)``, computed here by hand.
+    """
+
+    def __init__(self, optimizers: list[Any], bound: float, lr: float) -> None:
+        self.optimizers = optimizers
+        self.bound = bound
+        self.lr = lr
+        self.steps: list[dict[str, float]] = []
+        self._before: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> InnerStepProbe:
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
+
+        self._handles = [
+            register_optimizer_step_pre_hook(self._pre),
+            register_optimizer_step_post_hook(self._post),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def new_step(self) -> None:
+        self.steps.append(
+            {
+                "calls": 0,
+                "elements": 0,
+                "clamped": 0,
+                "sumsq": 0.0,
+                "grad_error": 0.0,
+                "update_error": 0.0,
+            }
+        )
+
+    def _watched(self, optimizer: Any) -> bool:
+        return any(optimizer is watched for watched in self.optimizers)
+
+    def _params(self, optimizer: Any) -> list[torch.Tensor]:
+        return [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
+
+    def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._watched(optimizer):
+            return
+        self._before = [
+            (p, p.detach().clone(), p.grad.detach().clone()) for p in self._params(optimizer)
+        ]
+
+    def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._watched(optimizer):
+            return
+        step = self.steps[-1]
+        step["calls"] += 1
+        for param, before, grad in self._before:
+            clamped = grad.clamp(-self.bound, self.bound)
+            expected = before.add(clamped, alpha=-self.lr)
+            step["elements"] += grad.numel()
+            step["clamped"] += int((grad.abs() > self.bound).sum())
+            step["sumsq"] += float(grad.double().square().sum())
+            if param.grad is not None:
+                step["grad_error"] = max(
+                    step["grad_error"], float((param.grad - clamped).abs().max())
+                )
+            step["update_error"] = max(
+                step["update_error"], float((param.detach() - expected).abs().max())
+            )
+        self._before = []
+
+
+def run_elementwise(specs: list[dict[str, Any]], fp16: bool = False) -> list[dict[str, Any]]:
+    """:func:`run_specs` for ``value``/``coordinate_wise``, with an :class:`InnerStepProbe`.
+
+    Per spec also: ``probe`` (per step, see the probe) with ``grad_norm``, the global
+    norm of the gradients the inner steps saw before the clamp (summed over the ranks
+    where the wrapper partitions them), and which optimizers were watched.
+    """
+    if fp16:
+        with _fp16_allowed():
+            return run_elementwise(specs)
+    deepspeed = setup()
+    results = []
+    for spec in specs:
+        result: dict[str, Any] = {"name": spec["name"]}
+        try:
+            engine = build_engine(spec)
+            adapter = engine.distclip
+            result["wrapper"] = adapter.wrapper
+            result["hook_point"] = adapter.hook_point
+            wrapper = engine.optimizer
+            inner = [wrapper] if adapter.wrapper is None else [wrapper.optimizer]
+            result["inner_class"] = type(inner[0]).__name__
+            records: dict[str, list[Any]] = {}
+            with InnerStepProbe(inner, adapter.clipper.config.clip_value, LR) as probe:
+                for step in range(spec["steps"]):
+                    probe.new_step()
+                    for key, values in train_steps(engine, spec, range(step, step + 1)).items():
+                        records.setdefault(key, []).extend(values)
+            sumsq = torch.tensor([s["sumsq"] for s in probe.steps], dtype=torch.float64)
+            if adapter.wrapper not in (None, "FP16_UnfusedOptimizer", "FP16_Optimizer"):
+                dist.all_reduce(sumsq)  # ZeRO partitions: each rank holds its own elements
+            for entry, total in zip(probe.steps, sumsq.sqrt().tolist(), strict=True):
+                entry["grad_norm"] = total
+            result["probe"] = probe.steps
+            result["records"] = records
+            result["params"] = _full_fp32_params(deepspeed, engine)
+            result["checksum"] = adapter.clipper.state_checksum()
+            _release(engine)
+        except Exception:
+            result["error"] = traceback.format_exc()
+        results.append(result)
+    return results
 
 
 def run_checkpoint(spec: dict[str, Any], directory: str, split: int) -> dict[str, Any]:
@@ -254,11 +390,22 @@ def run_attach_checks(spec: dict[str, Any]) -> dict[str, Any]:
         )
         return engine
 
-    # A method that needs more than the global norm: refused before any step.
+    # A method that needs per-tensor norms: refused before any step.
     engine = plain_engine()
-    for method in ("agc", "value", "coordinate_wise", "layer_wise"):
+    for method in ("agc", "layer_wise"):
         out[f"refuse_{method}"] = _outcome(lambda m=method: distclip.deepspeed.attach(engine, m))
     out["no_adapter_after_refusal"] = "distclip" not in engine.__dict__
+
+    # The element-wise clamp: a step pre-hook on the inner optimizer, gone after remove().
+    inner = engine.optimizer.optimizer
+    hooks_before = len(inner._optimizer_step_pre_hooks)
+    adapter = distclip.deepspeed.attach(engine, "value", clip_value=0.5)
+    out["value_hook_point"] = adapter.hook_point
+    out["value_hooks_added"] = len(inner._optimizer_step_pre_hooks) - hooks_before
+    out["value_hooked"] = adapter.hooked
+    adapter.remove()
+    out["value_hooks_after_remove"] = len(inner._optimizer_step_pre_hooks) - hooks_before
+    out["value_removed_class"] = type(engine.optimizer).__name__
 
     # Explicit options; no section in the config: the keywords decide.
     adapter = distclip.deepspeed.attach(engine, "norm", max_norm=0.5)

@@ -22,6 +22,7 @@ import torch
 import distclip
 import distclip.deepspeed as dsclip
 from distclip.clippers import AutoClipConfig, NormClipConfig
+from distclip.clippers.elementwise import ValueConfig
 from distclip.integrations.deepspeed import _hooks
 from distclip.integrations.deepspeed._config import config_from_arguments, load_deepspeed_config
 
@@ -45,10 +46,18 @@ BAD_SECTIONS: list[tuple[Any, type[Exception], tuple[str, ...]]] = [
     ({"nonfinite": "ignore"}, ValueError, ("nonfinite",)),
     ({"norm_type": 1.0}, ValueError, ("norm_type must be 2",)),
     ({"eps": 1e-8}, ValueError, ("eps must be 1e-06",)),
-    ({"method": "agc"}, NotImplementedError, ("'agc'", "autoclip", "zclip")),
-    ({"method": "value"}, NotImplementedError, ("'value'", "autoclip")),
-    ({"method": "coordinate_wise"}, NotImplementedError, ("'coordinate_wise'",)),
-    ({"method": "layer_wise"}, NotImplementedError, ("'layer_wise'",)),
+    (
+        {"method": "agc"},
+        NotImplementedError,
+        ("'agc'", "output row", "flat fp32 partition", "a row can be split", "autoclip", "value"),
+    ),
+    (
+        {"method": "layer_wise"},
+        NotImplementedError,
+        ("'layer_wise'", "every parameter tensor", "flat fp32 partition", "a tensor can be split"),
+    ),
+    ({"method": "value", "clip_value": 0.0}, ValueError, ("clip_value",)),
+    ({"method": "value", "norm_type": 1.0}, ValueError, ("norm_type must be 2",)),
 ]
 
 
@@ -80,7 +89,7 @@ def test_missing_section_and_missing_method_mean_autoclip() -> None:
     assert norm.config == NormClipConfig(max_norm=2.0)
 
 
-def test_deepspeed_methods_are_the_external_norm_ones() -> None:
+def test_deepspeed_methods_are_the_external_norm_ones_and_the_clamps() -> None:
     assert set(dsclip.deepspeed_methods()) == {
         "norm",
         "autoclip",
@@ -90,9 +99,26 @@ def test_deepspeed_methods_are_the_external_norm_ones() -> None:
         "linear_stoch_autoclip",
         "quadratic_stoch_autoclip",
         "zclip",
+        "value",
+        "coordinate_wise",
+    }
+    assert set(distclip.available_methods()) - set(dsclip.deepspeed_methods()) == {
+        "layer_wise",
+        "agc",
     }
     for method in dsclip.deepspeed_methods():
-        assert dsclip.parse_section({"method": method}).method == method
+        section = dsclip.parse_section({"method": method})
+        assert section.method == method
+        assert section.elementwise == (method in ("value", "coordinate_wise"))
+
+
+def test_elementwise_sections() -> None:
+    for method in ("value", "coordinate_wise"):
+        section = dsclip.parse_section({"method": method, "clip_value": 0.25})
+        assert section.config == ValueConfig(clip_value=0.25)
+        assert section.elementwise
+    # eps plays no part in a clamp (nor in DeepSpeed's clip, which is off for it).
+    assert dsclip.parse_section({"method": "value", "eps": 1e-8}).config.eps == 1e-8
 
 
 @pytest.mark.parametrize("case", BAD_SECTIONS, ids=_ids)

@@ -15,18 +15,29 @@ Two entry points:
 * :func:`attach` hooks an engine built by other code (HF Trainer, Accelerate), with
   options given as keywords or, when none are, the same section of the engine's config.
 
-The method names and options are those of :func:`distclip.ClippedOptimizer`, for the
-methods driven by one global norm (:func:`deepspeed_methods`: ``norm``, ``autoclip``,
-the four stochastic ones, ``zclip``). The adapter is ``engine.distclip``
-(:class:`DeepSpeedClipAdapter`) with ``clipper`` and ``last_clip``.
+The method names and options are those of :func:`distclip.ClippedOptimizer`, for
+(:func:`deepspeed_methods`) the methods driven by one global norm (``norm``,
+``autoclip``, the four stochastic ones, ``zclip``) and the element-wise clamps
+(``value``, ``coordinate_wise``). ``layer_wise`` and ``agc`` are refused: they need
+per-tensor (per-row) norms, and DeepSpeed's ZeRO partitions are flat, cut across
+tensors at arbitrary offsets, while DeepSpeed computes only the global norm. The
+adapter is ``engine.distclip`` (:class:`DeepSpeedClipAdapter`) with ``clipper`` and
+``last_clip``.
 
 One norm, DeepSpeed's own: every DeepSpeed optimizer wrapper computes the pre-clip
 global norm inside ``step()`` and only then reads its clip value; distclip feeds that
 norm to the clipper and hands back this step's threshold (window first, as the native
 wrappers do). No second pass over the gradients, no extra collective. ZeRO 0 in fp32
 (no wrapper) is hooked in the engine, which then also reports the norm in
-``engine.get_global_grad_norm()``. See ``_hooks`` for the verified wrappers and
-DeepSpeed versions; anything else is refused with a clear error.
+``engine.get_global_grad_norm()``.
+
+The element-wise clamps need no norm: a step pre-hook on the torch optimizer that
+updates the fp32 master weights (inside DeepSpeed's wrapper; ZeRO 0 fp32: the engine's
+optimizer) clamps its parameters' gradients, after DeepSpeed has unscaled them and
+before the update, and DeepSpeed's own ``gradient_clipping`` is neutral. Exact on any
+ZeRO partition, with no collective and no read to the host; ``last_clip`` still reports
+DeepSpeed's norm. See ``_hooks`` for the verified wrappers and DeepSpeed versions;
+anything else is refused with a clear error.
 
 Checkpoints: ``engine.save_checkpoint`` saves the clipper's state in ``client_state``
 under the key ``"distclip"`` and ``engine.load_checkpoint`` restores it (the key is
@@ -44,6 +55,7 @@ import logging
 from typing import Any
 
 from distclip.clippers import make_clipper
+from distclip.clippers.elementwise import ValueClip
 from distclip.integrations.binding import OptimizerBinding
 from distclip.integrations.deepspeed._adapter import STATE_KEY, DeepSpeedClipAdapter
 from distclip.integrations.deepspeed._config import (
@@ -56,6 +68,7 @@ from distclip.integrations.deepspeed._config import (
     parse_section,
 )
 from distclip.integrations.deepspeed._hooks import (
+    ENGINE_CLAMP_HOOK,
     ENGINE_HOOK,
     SUPPORTED_WRAPPERS,
     VERIFIED_VERSIONS,
@@ -68,6 +81,7 @@ from distclip.integrations.deepspeed._hooks import (
 
 __all__ = [
     "DEFAULT_METHOD",
+    "ENGINE_CLAMP_HOOK",
     "ENGINE_HOOK",
     "SECTION_KEY",
     "STATE_KEY",
@@ -134,20 +148,27 @@ def _attach_section(
             "this DeepSpeed engine already clips with distclip (engine.distclip); call "
             "engine.distclip.remove() before attaching another"
         )
-    plan = plan_hook(engine, allow_unverified=allow_unverified)  # refuses before any change
+    elementwise = section.elementwise
+    # Refuses before any change.
+    plan = plan_hook(engine, allow_unverified=allow_unverified, elementwise=elementwise)
     params = [p for p in engine.module.parameters() if p.requires_grad] or list(
         engine.module.parameters()
     )
     clipper = make_clipper(section.method, params, **section.options)
+    clamp = clipper.clamp_ if isinstance(clipper, ValueClip) else None
     adapter = DeepSpeedClipAdapter(
         engine, clipper, section, wrapper=plan.wrapper, hook_point=plan.hook_point
     )
     first = [plan]
 
     def install() -> InstalledHook:
-        current = first.pop() if first else plan_hook(engine, allow_unverified=allow_unverified)
+        current = (
+            first.pop()
+            if first
+            else plan_hook(engine, allow_unverified=allow_unverified, elementwise=elementwise)
+        )
         binding = OptimizerBinding(clipper, engine.optimizer) if current.wrapper is None else None
-        return current.install(adapter.observe, binding)
+        return current.install(adapter.observe, binding, clamp)
 
     adapter._set_hook(install)
     adapter._wrap_checkpointing()
@@ -169,7 +190,7 @@ def attach(
     allow_unverified: bool = False,
     **options: Any,
 ) -> DeepSpeedClipAdapter:
-    """Clip an existing DeepSpeed engine's gradients with distclip, by DeepSpeed's own norm.
+    """Clip an existing DeepSpeed engine's gradients with distclip (see the module docstring).
 
     For engines built by other code (HF Trainer, Accelerate). Call it before the first
     optimizer step. Without ``method`` and options, the ``"distclip"`` section of the
@@ -197,9 +218,10 @@ def attach(
         TypeError: ``engine`` is not a DeepSpeed engine; an unknown option or one of the
             wrong type; a section that is not a dict.
         ValueError: an unknown method or an option out of range; already attached.
-        NotImplementedError: a method that needs more than the global norm (``value``,
-            ``coordinate_wise``, ``layer_wise``, ``agc``), or an optimizer wrapper /
-            precision distclip has not verified.
+        NotImplementedError: a method that needs per-tensor norms (``layer_wise``,
+            ``agc``), an optimizer wrapper / precision distclip has not verified, or
+            (``value``, ``coordinate_wise``) a wrapper configuration where the inner
+            optimizer step does not update from the clamped ``.grad`` (see ``_hooks``).
         DeepSpeedVersionError: an unverified DeepSpeed without ``allow_unverified``.
     """
     if method is None and not options:

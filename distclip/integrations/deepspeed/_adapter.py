@@ -11,6 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from distclip.clippers import Clipper, ClipStats
+from distclip.clippers.elementwise import ValueClip
 from distclip.integrations.deepspeed._config import SECTION_KEY, ClipSection
 from distclip.integrations.deepspeed._hooks import InstalledHook
 
@@ -28,20 +29,26 @@ class DeepSpeedClipAdapter:
     Made by :func:`distclip.deepspeed.initialize` or :func:`distclip.deepspeed.attach`,
     not directly. Each optimizer step, DeepSpeed's own pre-clip global norm goes to
     :attr:`clipper` (its window, counters and checks), and DeepSpeed clips by the
-    threshold that comes back.
+    threshold that comes back. For the element-wise clamps (``value``,
+    ``coordinate_wise``) DeepSpeed does not clip by norm: the torch optimizer that
+    updates the fp32 master weights clamps their gradients in a step pre-hook.
 
     Attributes:
         clipper: the :class:`~distclip.Clipper` (options, state, ``check_consistency``).
         last_clip: the :class:`~distclip.ClipStats` of the last optimizer step
             (``None`` before the first), as ``optimizer.last_clip`` of the optimizer
-            wrappers: ``total_norm`` is DeepSpeed's norm (in the clipper's dtype),
-            ``threshold`` what DeepSpeed clipped by. On a step DeepSpeed skipped
-            (fp32/bf16 NaN or inf) it reports the skip; an fp16 loss-scale overflow
-            leaves it unchanged (the step is not counted, as with ``GradScaler``).
+            wrappers: ``total_norm`` is DeepSpeed's pre-clip norm (in the clipper's
+            dtype), ``threshold`` what DeepSpeed clipped by (the clamp bound
+            ``clip_value`` for the element-wise clamps, whose ``clip_coef`` is 1). On a
+            step DeepSpeed skipped (fp32/bf16 NaN or inf) it reports the skip; an fp16
+            loss-scale overflow leaves it unchanged (the step is not counted, as with
+            ``GradScaler``).
         wrapper: the DeepSpeed optimizer wrapper's class name, or ``None`` for ZeRO 0
             in fp32 (no wrapper: the engine's own clip is replaced).
-        hook_point: where the threshold enters DeepSpeed (``"<wrapper>.clip_grad"``
-            or ``"engine.clip_fp32_gradients"``).
+        hook_point: where the method acts: the threshold enters DeepSpeed at
+            ``"<wrapper>.clip_grad"`` or ``"engine.clip_fp32_gradients"``; the clamp is
+            a step pre-hook at ``"<wrapper>.optimizer.step"`` or
+            ``"engine.optimizer.step"``.
         section: the validated configuration the clipper was built from.
     """
 
@@ -95,8 +102,15 @@ class DeepSpeedClipAdapter:
         return self.section.method
 
     def observe(self, total_norm: Tensor) -> ClipStats:
-        """Feed DeepSpeed's norm of this step to the clipper; record and return the stats."""
-        stats = self.clipper.observe_(total_norm)
+        """Feed DeepSpeed's norm of this step to the clipper; record and return the stats.
+
+        For the element-wise clamps the norm only feeds the counters and ``last_clip``
+        (the clamp itself is applied in the inner optimizer's step pre-hook).
+        """
+        if isinstance(self.clipper, ValueClip):
+            stats = self.clipper.observe_clamp_(total_norm)
+        else:
+            stats = self.clipper.observe_(total_norm)
         self.last_clip = stats
         return stats
 

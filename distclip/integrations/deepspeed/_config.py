@@ -8,8 +8,9 @@ section of it::
      "distclip": {"method": "autoclip", "q": 0.1, "window": 200, "max_norm": 5.0}}
 
 ``method`` (default ``"autoclip"``) and the options are exactly those of
-:func:`distclip.ClippedOptimizer`. DeepSpeed itself ignores unknown top-level keys, so
-the section can stay in the config it is given. Nothing here imports ``deepspeed``.
+:func:`distclip.ClippedOptimizer`, for the methods of :func:`deepspeed_methods`.
+DeepSpeed itself ignores unknown top-level keys, so the section can stay in the config
+it is given. Nothing here imports ``deepspeed``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distclip.clippers import METHODS, ClipConfig, Clipper, resolve_method
+from distclip.clippers.elementwise import ValueClip
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -30,6 +32,7 @@ __all__ = [
     "ClipSection",
     "config_from_arguments",
     "deepspeed_methods",
+    "is_elementwise",
     "load_deepspeed_config",
     "parse_section",
 ]
@@ -45,13 +48,41 @@ _DEEPSPEED_NORM_TYPE = 2.0
 _DEEPSPEED_EPS = 1e-6
 
 
+def is_elementwise(clipper_cls: type[Clipper]) -> bool:
+    """True for the element-wise clamps (``value``, ``coordinate_wise``).
+
+    Under DeepSpeed they clamp the gradients of the fp32 master partitions inside the
+    optimizer step; they need neither a norm nor the parameters' shapes.
+    """
+    return issubclass(clipper_cls, ValueClip)
+
+
 def deepspeed_methods() -> tuple[str, ...]:
     """The method names (aliases included) that work under DeepSpeed, sorted.
 
-    They are the methods whose rule is one global factor ``min(1, threshold / (n + eps))``
-    (``Clipper.supports_external_norm``), so that DeepSpeed's own norm can drive them.
+    Two kinds: the methods whose rule is one global factor
+    ``min(1, threshold / (n + eps))`` (``Clipper.supports_external_norm``), driven by
+    DeepSpeed's own norm; and the element-wise clamps (``value``, ``coordinate_wise``),
+    exact on any ZeRO partition. Not ``layer_wise`` and ``agc``: see
+    :func:`parse_section`.
     """
-    return tuple(sorted(name for name, cls in METHODS.items() if cls.supports_external_norm))
+    return tuple(
+        sorted(
+            name
+            for name, cls in METHODS.items()
+            if cls.supports_external_norm or is_elementwise(cls)
+        )
+    )
+
+
+#: What ``layer_wise`` and ``agc`` need, and the unit a ZeRO partition can split.
+_PER_TENSOR_NEEDS = {
+    "layer_wise": ("the norm of every parameter tensor's gradient", "tensor"),
+    "agc": (
+        "the norm of every output row of every weight's gradient and of the weight itself",
+        "row",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +106,11 @@ class ClipSection:
         """The clipper class of :attr:`method`."""
         return resolve_method(self.method)
 
+    @property
+    def elementwise(self) -> bool:
+        """True for the element-wise clamps (``value``, ``coordinate_wise``)."""
+        return is_elementwise(self.clipper_cls)
+
 
 def parse_section(
     section: Any, *, where: str = "the DeepSpeed config's 'distclip' section"
@@ -90,9 +126,10 @@ def parse_section(
         TypeError: the section is not a mapping (JSON object); ``method`` is not a
             string; an unknown option or an option of the wrong type.
         ValueError: an unknown method; an option out of range; ``norm_type`` other
-            than 2 or ``eps`` other than 1e-6 (DeepSpeed's norm and eps are fixed).
-        NotImplementedError: a method that needs more than the global norm
-            (``value``, ``coordinate_wise``, ``layer_wise``, ``agc``).
+            than 2, or ``eps`` other than 1e-6 for a norm-driven method (DeepSpeed's
+            norm and eps are fixed).
+        NotImplementedError: a method that needs per-tensor norms (``layer_wise``,
+            ``agc``): DeepSpeed's ZeRO partitions are flat and cut across tensors.
     """
     present = section is not None
     if section is None:
@@ -111,12 +148,20 @@ def parse_section(
         clipper_cls = resolve_method(method)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from exc
-    if not clipper_cls.supports_external_norm:
+    elementwise = is_elementwise(clipper_cls)
+    if not (clipper_cls.supports_external_norm or elementwise):
+        needs, unit = _PER_TENSOR_NEEDS.get(
+            clipper_cls.method, ("per-tensor gradient norms", "tensor")
+        )
         raise NotImplementedError(
-            f"{where}: method {method!r} needs per-tensor or per-element gradients, but "
-            "under DeepSpeed distclip only sees DeepSpeed's own global norm (the gradients "
-            "are partitioned and clipped inside DeepSpeed's optimizer wrappers). Methods "
-            f"that work under DeepSpeed: {', '.join(deepspeed_methods())}"
+            f"{where}: method {method!r} needs {needs}, which DeepSpeed does not provide: "
+            "it computes only one global norm, and under ZeRO 1-3 and BF16_Optimizer each "
+            "rank's gradients are one flat fp32 partition cut at arbitrary offsets, so a "
+            f"{unit} can be split across ranks and a partition holds pieces of several. "
+            "Those norms would need another pass over the gradients and an extra all-reduce "
+            "through DeepSpeed's internal partition layout, which distclip does not do, so "
+            f"it refuses {method!r} under DeepSpeed. Methods that work under DeepSpeed: "
+            f"{', '.join(deepspeed_methods())}"
         )
     try:
         config = clipper_cls.config_cls.from_options(method, options)
@@ -127,7 +172,7 @@ def parse_section(
             f"{where}: norm_type must be 2 under DeepSpeed (DeepSpeed computes the L2 norm), "
             f"got {config.norm_type!r}"
         )
-    if config.eps != _DEEPSPEED_EPS:
+    if config.eps != _DEEPSPEED_EPS and not elementwise:
         raise ValueError(
             f"{where}: eps must be {_DEEPSPEED_EPS} under DeepSpeed (DeepSpeed's clip "
             f"coefficient min(1, threshold / (norm + 1e-6)) has it built in), got {config.eps!r}"

@@ -24,6 +24,39 @@ Verified against DeepSpeed 0.19.8 (the order of operations inside each ``step()`
 No second pass over the gradients, no extra collective: the only added work is the
 clipper's update on a 0-dim tensor and one read of the threshold to the host, which
 DeepSpeed needs as a Python number (it has already read the norm to the host itself).
+
+**The element-wise clamps** (``value``, ``coordinate_wise``) need no norm and no tensor
+shapes, so they are exact on any ZeRO partition. distclip registers a step pre-hook
+(:meth:`torch.optim.Optimizer.register_step_pre_hook`) on the torch optimizer that
+updates the fp32 master weights (the wrapper's ``optimizer``, and ZeRO 3's
+``backup_optimizer`` where there is one; ZeRO 0 in fp32: ``engine.optimizer``); inside
+a DeepSpeed step that went past its norm it clamps the ``.grad`` of that optimizer's
+parameters, with Python-number bounds (no collective, no read to the host).
+DeepSpeed's own clip is neutral: inside ``step()`` the ``clip_grad`` property reads 0,
+which every wrapper takes as "no clipping" (ZeRO 0 fp32: ``clip_fp32_gradients`` takes
+the norm and the skip decision as above but scales nothing). The property's first read
+still hands DeepSpeed's stored norm to the clipper, for ``last_clip`` and the
+counters, without reading anything to the host.
+
+Verified in DeepSpeed 0.19.8's source, wrapper by wrapper: ZeRO 1/2 (with or without
+CPU offload), ZeRO 3 (likewise), ``FP16_Optimizer`` and ``FP16_UnfusedOptimizer`` call
+their inner ``step()`` only after ``unscale_and_clip_grads`` has unscaled the fp32
+gradients in place, and ``BF16_Optimizer`` after its clip and its copy of the fp32
+gradient partitions into ``.grad``; the update reads exactly those ``.grad``. ZeRO 1/2
+narrows ``param_groups`` to the group it steps; ZeRO 3 calls the inner step once per
+sub-group with only that sub-group's flat partition in ``param_groups`` (a clamp is
+idempotent anyway). Every overflow / NaN skip returns before the inner step (fp16
+loss-scale overflows included). Two DeepSpeed behaviours the clamp inherits: in fp16,
+DeepSpeed grows the loss scale *before* it unscales (ZeRO 1-3 and both FP16 wrappers),
+so on a growth step the gradients the update gets (and the clamp sees) are smaller
+than the true ones by the growth factor; and ZeRO 1/2 in bf16 with
+``bf16.check_grad_overflow`` off applies a NaN/inf step (the clamp bounds the infs,
+NaN stays NaN; ``last_clip`` reports the skip). Refused for the clamps: an inner step
+that takes its gradients as arguments (``FP16_UnfusedOptimizer``'s legacy fused LAMB),
+a ``torch.amp.GradScaler`` inside the wrapper (torch autocast in fp16: a fused
+optimizer unscales inside its own step, after the hook), ZeRO 3's ZenFlow, and Muon
+(DeepSpeed writes Muon's orthogonalised update into the gradient partitions first: the
+clamp would bound the update, not the gradient).
 """
 
 from __future__ import annotations
@@ -32,6 +65,7 @@ import importlib
 import logging
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +78,7 @@ from distclip.functional import scale_
 from distclip.integrations.binding import OptimizerBinding, SkipToken
 
 __all__ = [
+    "ENGINE_CLAMP_HOOK",
     "ENGINE_HOOK",
     "SUPPORTED_WRAPPERS",
     "VERIFIED_VERSIONS",
@@ -69,6 +104,10 @@ SUPPORTED_WRAPPERS: tuple[str, ...] = (
 #: The hook point when the engine has no wrapper (ZeRO 0, fp32).
 ENGINE_HOOK = "engine.clip_fp32_gradients"
 
+#: The hook point of the element-wise clamps without a wrapper (ZeRO 0, fp32); with a
+#: wrapper it is ``"<wrapper>.optimizer.step"``.
+ENGINE_CLAMP_HOOK = "engine.optimizer.step"
+
 #: The DeepSpeed releases whose order of operations distclip has verified.
 VERIFIED_VERSIONS = ">=0.19,<0.20"
 _VERIFIED_MINOR = ((0, 19),)
@@ -87,6 +126,11 @@ _HOOK_ATTR = "_distclip_hook"
 _warned_versions: set[str] = set()
 
 Observer = Callable[[Tensor], ClipStats]
+
+#: Clamps a list of gradients in place (``ValueClip.clamp_``).
+Clamp = Callable[[list[Tensor]], None]
+
+_MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
 class DeepSpeedVersionError(RuntimeError):
@@ -191,10 +235,15 @@ class _WrapperHook:
         ds_clip: Any,
         original_class: type,
         original_step: Callable[..., Any],
+        clamps: bool = False,
     ) -> None:
         self.wrapper = wrapper
         self.observe = observe
         self.fp16 = fp16
+        #: Element-wise clamp: DeepSpeed must not clip by norm; the inner step clamps.
+        self.clamps = clamps
+        #: Inner optimizer steps clamped in this step (``clamps`` only).
+        self.clamp_calls = 0
         #: DeepSpeed's own clip value (its config's, or the one a checkpoint restored).
         self.ds_clip = ds_clip
         self.original_class = original_class
@@ -208,6 +257,7 @@ class _WrapperHook:
     def arm(self, optimizer: Any) -> None:
         self.armed = True
         self.read = False
+        self.clamp_calls = 0
         if self.wrapper == "DeepSpeedZeroOptimizer_Stage3":
             self.scale0 = _loss_scale(optimizer)
 
@@ -238,6 +288,11 @@ class _WrapperHook:
         if not self.read:
             self.read = True
             stats = self.observe(self.true_norm(optimizer))
+            if self.clamps:
+                # No norm clipping (every wrapper clips only when clip_grad > 0) and no
+                # read to the host: the inner step's pre-hook clamps the fp32 gradients.
+                self.threshold = 0.0
+                return self.threshold
             self.threshold, skipped = _threshold_for_deepspeed(stats)
             if skipped and not self.warned_nonfinite:
                 self.warned_nonfinite = True
@@ -249,9 +304,24 @@ class _WrapperHook:
                 )
         return self.threshold
 
+    def clamp_active(self) -> bool:
+        """True inside a ``step()`` that went past the norm (the inner steps may clamp)."""
+        return self.armed and self.read
+
     def after_step(self, optimizer: Any) -> None:
-        """Account for a step that never read the clip value (DeepSpeed skipped it)."""
+        """Account for a step that never read the clip value (DeepSpeed skipped it).
+
+        With the element-wise clamp, a step that read the clip value must also have run
+        the inner optimizer step (where the clamp is) at least once.
+        """
         if self.read:
+            if self.clamps and self.clamp_calls == 0:
+                raise RuntimeError(
+                    f"distclip: DeepSpeed's {self.wrapper}.step() went past its norm but never "
+                    "called the step() of its inner optimizer, where distclip clamps the "
+                    "gradients; this order of operations is not the one verified for "
+                    f"deepspeed{VERIFIED_VERSIONS}"
+                )
             return
         if getattr(optimizer, "overflow", False):
             if not self.fp16:
@@ -311,10 +381,64 @@ class InstalledHook:
         self._remove()
 
 
+class _ClampHook:
+    """The step pre-hook that clamps the gradients of torch optimizers' parameters.
+
+    Registered on the optimizers that update the fp32 master weights; clamps only while
+    ``active()`` (inside a DeepSpeed step that went past its norm), so other calls of
+    those optimizers' ``step()`` are left alone.
+    """
+
+    def __init__(
+        self,
+        optimizers: list[torch.optim.Optimizer],
+        clamp: Clamp,
+        active: Callable[[], bool],
+        on_call: Callable[[], None] | None = None,
+    ) -> None:
+        self.optimizers = optimizers
+        self.clamp = clamp
+        self.active = active
+        self.on_call = on_call
+        self.handles = [opt.register_step_pre_hook(self) for opt in optimizers]
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.active():
+            return
+        if self.on_call is not None:
+            self.on_call()
+        self.clamp(
+            [
+                param.grad
+                for group in optimizer.param_groups
+                for param in group["params"]
+                if param.grad is not None
+            ]
+        )
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _inner_optimizers(wrapper: Any) -> list[Any]:
+    """The optimizers a DeepSpeed wrapper's ``step()`` calls on its fp32 partitions."""
+    inner = [wrapper.optimizer]
+    backup = getattr(wrapper, "backup_optimizer", None)  # ZeRO 3, partial offload
+    if backup is not None:
+        inner.append(backup)
+    return inner
+
+
+def _same_objects(first: list[Any], second: list[Any]) -> bool:
+    return len(first) == len(second) and all(a is b for a, b in zip(first, second, strict=True))
+
+
 def _install_wrapper_hook(
-    optimizer: Any, wrapper: str, observe: Observer, fp16: bool
+    optimizer: Any, wrapper: str, observe: Observer, fp16: bool, clamp: Clamp | None = None
 ) -> InstalledHook:
-    """Hook ``optimizer`` (a DeepSpeed wrapper)."""
+    """Hook ``optimizer`` (a DeepSpeed wrapper); with ``clamp``, its inner optimizers too."""
     original_class = type(optimizer)
     original_step = optimizer.step
     had_step = "step" in optimizer.__dict__
@@ -325,7 +449,16 @@ def _install_wrapper_hook(
         ds_clip=optimizer.__dict__.get("clip_grad", 0.0),
         original_class=original_class,
         original_step=original_step,
+        clamps=clamp is not None,
     )
+    inner = _inner_optimizers(optimizer) if clamp is not None else []
+    clamp_hook: _ClampHook | None = None
+    if clamp is not None:
+
+        def counted() -> None:
+            hook.clamp_calls += 1
+
+        clamp_hook = _ClampHook(inner, clamp, hook.clamp_active, counted)
 
     def step(*args: Any, **kwargs: Any) -> Any:
         hook.arm(optimizer)
@@ -343,6 +476,8 @@ def _install_wrapper_hook(
     optimizer.step = step
 
     def remove() -> None:
+        if clamp_hook is not None:
+            clamp_hook.remove()
         if optimizer.__dict__.get(_HOOK_ATTR) is not hook:
             return
         optimizer.__class__ = original_class
@@ -354,7 +489,11 @@ def _install_wrapper_hook(
             optimizer.__dict__.pop("step", None)
 
     def intact() -> bool:
-        return optimizer.__dict__.get(_HOOK_ATTR) is hook and optimizer.__dict__.get("step") is step
+        return (
+            optimizer.__dict__.get(_HOOK_ATTR) is hook
+            and optimizer.__dict__.get("step") is step
+            and (clamp is None or _same_objects(_inner_optimizers(optimizer), inner))
+        )
 
     return InstalledHook(intact, remove)
 
@@ -393,9 +532,14 @@ def _deepspeed_fp32_norm(engine: Any, params: list[Tensor]) -> Tensor:
 
 
 def _install_engine_hook(
-    engine: Any, observe: Observer, binding: OptimizerBinding
+    engine: Any, observe: Observer, binding: OptimizerBinding, clamp: Clamp | None = None
 ) -> InstalledHook:
-    """Hook a ZeRO-0 fp32 engine (no wrapper)."""
+    """Hook a ZeRO-0 fp32 engine (no wrapper); with ``clamp``, its optimizer's step too.
+
+    The norm and the skip decision stay in ``clip_fp32_gradients``; a norm-driven method
+    scales there, the element-wise clamp happens in ``engine.optimizer``'s step pre-hook
+    (on a skipped step the binding has hidden the gradients, or set ``found_inf``).
+    """
     optimizer = engine.optimizer
     armed: list[SkipToken] = []
     original_clipping = engine._config.gradient_clipping
@@ -411,7 +555,9 @@ def _install_engine_hook(
         total = _deepspeed_fp32_norm(engine, params)
         stats = observe(total)
         engine._global_grad_norm = total
-        scale_([p.grad for p in params], stats.clip_coef, foreach=binding.clipper.config.foreach)  # type: ignore[misc]
+        if clamp is None:
+            grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+            scale_(grads, stats.clip_coef, foreach=binding.clipper.config.foreach)
         armed.append(binding.arm_skip(optimizer, stats, can_bypass=False))
         return total
 
@@ -419,6 +565,9 @@ def _install_engine_hook(
         while armed:
             binding.disarm_skip(opt, armed.pop())
 
+    clamp_hook = None
+    if clamp is not None:
+        clamp_hook = _ClampHook([optimizer], clamp, lambda: bool(armed))
     post_hook = optimizer.register_step_post_hook(disarm)
     engine.clip_fp32_gradients = clip_fp32_gradients
     if not original_clipping > 0.0:
@@ -428,6 +577,8 @@ def _install_engine_hook(
 
     def remove() -> None:
         post_hook.remove()
+        if clamp_hook is not None:
+            clamp_hook.remove()
         engine.__dict__.pop("clip_fp32_gradients", None)
         engine._config.gradient_clipping = original_clipping
 
@@ -447,32 +598,58 @@ class HookPlan:
 
     Attributes:
         wrapper: the wrapper's class name, or ``None`` for ZeRO 0 fp32 (no wrapper).
-        hook_point: ``"<wrapper>.clip_grad"`` or :data:`ENGINE_HOOK`.
+        elementwise: the method is an element-wise clamp (``value``, ``coordinate_wise``).
+        hook_point: where the method acts: ``"<wrapper>.clip_grad"`` or
+            :data:`ENGINE_HOOK` for the norm-driven methods; ``"<wrapper>.optimizer.step"``
+            or :data:`ENGINE_CLAMP_HOOK` for the element-wise clamps.
     """
 
-    def __init__(self, engine: Any, wrapper: str | None, fp16: bool) -> None:
+    def __init__(
+        self, engine: Any, wrapper: str | None, fp16: bool, *, elementwise: bool = False
+    ) -> None:
         self.engine = engine
         self.wrapper = wrapper
         self.fp16 = fp16
-        self.hook_point = ENGINE_HOOK if wrapper is None else f"{wrapper}.clip_grad"
+        self.elementwise = elementwise
+        if elementwise:
+            self.hook_point = ENGINE_CLAMP_HOOK if wrapper is None else f"{wrapper}.optimizer.step"
+        else:
+            self.hook_point = ENGINE_HOOK if wrapper is None else f"{wrapper}.clip_grad"
 
-    def install(self, observe: Observer, binding: OptimizerBinding | None) -> InstalledHook:
-        """Install the hook (``binding``: the clipper and optimizer, for ZeRO 0)."""
+    def install(
+        self, observe: Observer, binding: OptimizerBinding | None, clamp: Clamp | None = None
+    ) -> InstalledHook:
+        """Install the hook.
+
+        Args:
+            observe: takes DeepSpeed's norm of each step, returns the clip's stats.
+            binding: the clipper and optimizer, for ZeRO 0 (skips a NaN/inf step).
+            clamp: clamps a list of fp32 gradients in place; required exactly when the
+                plan is :attr:`elementwise`.
+        """
+        if (clamp is not None) != self.elementwise:
+            raise ValueError("a clamp is given exactly for the element-wise methods")
         if self.wrapper is None:
             assert binding is not None
-            return _install_engine_hook(self.engine, observe, binding)
-        return _install_wrapper_hook(self.engine.optimizer, self.wrapper, observe, self.fp16)
+            return _install_engine_hook(self.engine, observe, binding, clamp)
+        return _install_wrapper_hook(self.engine.optimizer, self.wrapper, observe, self.fp16, clamp)
 
 
-def plan_hook(engine: Any, *, allow_unverified: bool) -> HookPlan:
+def plan_hook(engine: Any, *, allow_unverified: bool, elementwise: bool = False) -> HookPlan:
     """Decide how to hook ``engine``; refuse what has not been verified.
+
+    Args:
+        engine: the DeepSpeed engine.
+        allow_unverified: hook a subclass of a supported wrapper as that wrapper.
+        elementwise: plan for an element-wise clamp (``value``, ``coordinate_wise``).
 
     Raises:
         TypeError: ``engine`` is not a ``deepspeed.DeepSpeedEngine``.
         ValueError: the engine has no optimizer, or ZeRO 1/2 with
             ``compute_grad_norm`` off (there is then no norm to use).
         NotImplementedError: an optimizer wrapper distclip has not verified, the legacy
-            fused-Adam fp16 path, ZeRO 0 with fp16, ZeRO 0 with torch autocast.
+            fused-Adam fp16 path, ZeRO 0 with fp16, ZeRO 0 with torch autocast; for the
+            element-wise clamps also the cases listed in the module docstring.
     """
     deepspeed = import_deepspeed()
     if not isinstance(engine, deepspeed.DeepSpeedEngine):
@@ -522,7 +699,7 @@ def plan_hook(engine: Any, *, allow_unverified: bool) -> HookPlan:
                 f"ZeRO 0 in fp32 with a {type(optimizer).__name__} that is not a "
                 "torch.optim.Optimizer is not supported by distclip's DeepSpeed adapter"
             )
-        return HookPlan(engine, None, fp16=False)
+        return HookPlan(engine, None, fp16=False, elementwise=elementwise)
     if wrapper in ("FP16_Optimizer", "FP16_UnfusedOptimizer") and fp16:
         raise NotImplementedError(
             "ZeRO 0 with fp16 (DeepSpeed's FP16_Optimizer / FP16_UnfusedOptimizer) is not "
@@ -540,4 +717,41 @@ def plan_hook(engine: Any, *, allow_unverified: bool) -> HookPlan:
             "zero_optimization.compute_grad_norm is false: DeepSpeed then computes no global "
             "norm, and distclip clips by DeepSpeed's norm; set it to true"
         )
-    return HookPlan(engine, wrapper, fp16=fp16)
+    if elementwise:
+        _check_clamp_supported(optimizer, wrapper)
+    return HookPlan(engine, wrapper, fp16=fp16, elementwise=elementwise)
+
+
+def _check_clamp_supported(optimizer: Any, wrapper: str) -> None:
+    """Refuse the wrapper configurations where a clamp in the inner step would be wrong."""
+    where = f"distclip's element-wise clamp (value, coordinate_wise) under DeepSpeed's {wrapper}"
+    if wrapper == "FP16_UnfusedOptimizer" and getattr(optimizer, "fused_lamb_legacy", False):
+        raise NotImplementedError(
+            f"{where}: the legacy fused-LAMB step hands the gradients to its inner optimizer "
+            "as arguments, not in .grad, so distclip cannot clamp them; use another optimizer"
+        )
+    if getattr(optimizer, "torch_autocast_gradscaler", None) is not None:
+        raise NotImplementedError(
+            f"{where}: torch autocast in fp16 puts a torch.amp.GradScaler inside the wrapper, "
+            "and with a fused optimizer the gradients are only unscaled inside its step, after "
+            "distclip's clamp would run; use bf16 or DeepSpeed's own fp16"
+        )
+    if getattr(optimizer, "zenflow", False):
+        raise NotImplementedError(
+            f"{where}: ZenFlow updates the parameters in its own CPU step, not in the inner "
+            "optimizer's step where distclip clamps"
+        )
+    muon = getattr(sys.modules.get(_MUON_MODULE), "MuonWithAuxAdam", None)
+    inner = _inner_optimizers(optimizer)
+    if muon is not None and any(isinstance(opt, muon) for opt in inner):
+        raise NotImplementedError(
+            f"{where}: with Muon, DeepSpeed writes Muon's orthogonalised update into the "
+            "gradient partitions before the inner step, so a clamp there would bound the "
+            "update, not the gradient"
+        )
+    for opt in inner:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise NotImplementedError(
+                f"{where}: the inner optimizer {type(opt).__name__} is not a "
+                "torch.optim.Optimizer, so it has no step pre-hook for distclip's clamp"
+            )
