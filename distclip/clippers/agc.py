@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from distclip.clippers.base import Clipper
 from distclip.clippers.config import ClipConfig, check_positive_finite
+from distclip.clippers.elementwise import (
+    AllReduce,
+    TensorFragment,
+    fragment_step,
+    observe_for_fragments,
+    record_fragments,
+)
+from distclip.clippers.stats import ClipStats
 from distclip.functional import powsum_to_norm
 from distclip.reduction import ReductionPlan, is_dtensor, local_tensor
 
-__all__ = ["AGC", "AGCConfig"]
+__all__ = ["AGC", "AGCConfig", "RowPlan"]
 
 #: Floor on a unit's gradient norm in the division (as timm's implementation).
 _GRAD_FLOOR = 1e-6
@@ -45,6 +55,24 @@ def _splits_only_rows(param: Tensor) -> bool:
         if not placement.is_replicate() and getattr(placement, "dim", None) != 0:
             return False
     return True
+
+
+class RowPlan(NamedTuple):
+    """Where the AGC units (rows) of a set of fragments lie: see :meth:`AGC.fragment_plan`.
+
+    Attributes:
+        pieces: ``(buffer, offset, rows, width, first_row)`` per run of one or more
+            whole or partial rows inside one fragment: ``rows`` rows of ``width``
+            elements from ``offset`` in flat buffer ``buffer``, the first being row
+            ``first_row`` of the step's row vector.
+        row_index: the row of each element of the concatenated per-row partial sums of
+            the pieces (int64).
+        num_rows: how many rows (units) the whole tensors have together.
+    """
+
+    pieces: list[tuple[int, int, int, int, int]]
+    row_index: Tensor
+    num_rows: int
 
 
 class AGC(Clipper):
@@ -139,3 +167,132 @@ class AGC(Clipper):
             smallest = torch.minimum(smallest, factor.amin().to(smallest.device, smallest.dtype))
         threshold = torch.full_like(total_norm, lam)
         return threshold, smallest.to(total_norm.dtype), None
+
+    # ------------------------------------------------ engines with flat partitions
+    @torch.no_grad()
+    def observe_fragments_(self, total_norm: Tensor) -> ClipStats:
+        """Record a step whose global norm an engine computed (DeepSpeed).
+
+        The gradients are clipped afterwards by :meth:`clip_fragments_`, wherever the
+        engine keeps them. ``threshold`` is ``clip_factor``; ``clip_coef`` (the
+        smallest unit factor of all ranks) is completed in place by
+        :meth:`clip_fragments_`; ``num_clipped`` is not counted, as in :meth:`clip_`.
+        A NaN/inf ``total_norm`` counts as a skipped step and leaves the gradients
+        unscaled. No host read, except with ``nonfinite="error"``.
+
+        Raises:
+            NonFiniteNormError: as in :meth:`clip_`.
+        """
+        return observe_for_fragments(self, total_norm, self.config.clip_factor)
+
+    def fragment_plan(
+        self,
+        shapes: Sequence[Sequence[int]],
+        fragments: Sequence[TensorFragment],
+        device: torch.device | None = None,
+    ) -> RowPlan:
+        """Cut this rank's fragments into runs of rows (computed once, reused each step).
+
+        A unit is an output row of a tensor with 2 or more dimensions and the whole
+        tensor otherwise, as in :meth:`clip_`. A fragment may start or end inside a
+        row (a ZeRO partition boundary): that partial row is its own piece, and its
+        partial sums are added to the other ranks' by the reduction.
+
+        Args:
+            shapes: the shape of every whole tensor the fragments belong to (the same
+                list on every rank that shares the reduction).
+            fragments: this rank's pieces of those tensors.
+            device: where the gradients will be (the row index is made there once, so
+                the steps copy nothing from the host).
+        """
+        first_rows, widths = [], []
+        num_rows = 0
+        for shape in shapes:
+            numel = math.prod(shape)
+            rows = shape[0] if len(shape) >= 2 else 1
+            first_rows.append(num_rows)
+            widths.append(numel // rows if rows else 0)
+            num_rows += rows if numel else 0
+        pieces: list[tuple[int, int, int, int, int]] = []
+        for frag in fragments:
+            width = widths[frag.tensor]
+            position, end, offset = frag.start, frag.start + frag.numel, frag.offset
+            while position < end:
+                row, within = divmod(position, width)
+                if within:  # a partial row at the start
+                    count, rows = min(width - within, end - position), 1
+                elif end - position >= width:  # whole rows
+                    rows = (end - position) // width
+                    count = rows * width
+                else:  # a partial row at the end
+                    count, rows = end - position, 1
+                pieces.append(
+                    (frag.buffer, offset, rows, count // rows, first_rows[frag.tensor] + row)
+                )
+                position += count
+                offset += count
+        index = [row + k for _, _, rows, _, row in pieces for k in range(rows)]
+        return RowPlan(pieces, torch.tensor(index, dtype=torch.long, device=device), num_rows)
+
+    @torch.no_grad()
+    def clip_fragments_(
+        self,
+        plan: RowPlan,
+        grads: Sequence[Tensor | None],
+        weights: Sequence[Tensor],
+        all_reduce: AllReduce | None = None,
+    ) -> None:
+        """Clip every unit whose pieces ``plan`` describes, as :meth:`clip_` does.
+
+        Each unit's gradient and weight norms are taken over all its pieces on all
+        ranks: this rank's per-row partial sums of squares (gradient and weight, one
+        vector), summed over the ranks by ``all_reduce`` (``None``: this rank holds
+        every piece), one call for the whole vector. Then, with
+        ``allowed = clip_factor * max(||W_u||, eps)``, each piece of a unit with
+        ``||G_u|| > allowed`` is multiplied by ``allowed / ||G_u||``. Every rank that
+        shares the reduction must call this, with or without pieces.
+
+        Args:
+            plan: :meth:`fragment_plan` of this rank's fragments.
+            grads: the flat gradient buffers (``None``: no gradient; those pieces
+                count 0 and are not scaled).
+            weights: the flat parameter buffers, laid out as ``grads``.
+            all_reduce: sums a 1-D tensor over the ranks (``None``: no reduction).
+
+        Raises:
+            RuntimeError: no step was opened by :meth:`observe_fragments_`.
+        """
+        step = fragment_step(self)
+        lam, eps = self.config.clip_factor, self.config.eps
+        device = weights[0].device if weights else step.finite.device
+        acc = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+        num_rows = plan.num_rows
+        sums = torch.zeros(2 * num_rows, device=device, dtype=acc)
+        grad_views: list[tuple[Tensor, int, int]] = []
+        partial: list[Tensor] = []
+        weight_partial: list[Tensor] = []
+        for buffer, offset, rows, width, row in plan.pieces:
+            weight = weights[buffer].narrow(0, offset, rows * width).view(rows, width)
+            weight_partial.append(torch.linalg.vector_norm(weight, dim=1, dtype=acc).square())
+            grad_buffer = grads[buffer]
+            if grad_buffer is None:
+                partial.append(torch.zeros(rows, device=device, dtype=acc))
+                continue
+            grad = grad_buffer.narrow(0, offset, rows * width).view(rows, width)
+            partial.append(torch.linalg.vector_norm(grad, dim=1, dtype=acc).square())
+            grad_views.append((grad, row, rows))
+        if plan.pieces:
+            index = plan.row_index.to(device)
+            sums[:num_rows].index_add_(0, index, torch.cat(partial).to(device))
+            sums[num_rows:].index_add_(0, index, torch.cat(weight_partial).to(device))
+        if all_reduce is not None:
+            sums = all_reduce(sums).to(device)
+        grad_norm = powsum_to_norm(sums[:num_rows], 2.0)
+        weight_norm = powsum_to_norm(sums[num_rows:], 2.0)
+        allowed = weight_norm.clamp(min=eps) * lam
+        factor = torch.where(grad_norm > allowed, allowed / grad_norm.clamp(min=_GRAD_FLOOR), 1.0)
+        factor = torch.where(step.finite.to(device), factor, 1.0)
+        for grad, row, rows in grad_views:
+            grad.mul_(factor[row : row + rows].unsqueeze(1).to(grad.device, grad.dtype))
+        if num_rows:
+            record_fragments(self, step, factor.amin(), None)

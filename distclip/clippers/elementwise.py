@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -15,7 +16,111 @@ from distclip.clippers.stats import ClipStats
 from distclip.functional import powsum_to_norm
 from distclip.reduction import ReductionPlan, local_tensor
 
-__all__ = ["CoordinateWiseClip", "LayerWiseClip", "LayerWiseConfig", "ValueClip", "ValueConfig"]
+__all__ = [
+    "AllReduce",
+    "CoordinateWiseClip",
+    "LayerWiseClip",
+    "LayerWiseConfig",
+    "TensorFragment",
+    "ValueClip",
+    "ValueConfig",
+]
+
+#: Sums a 1-D tensor over the ranks that share the fragments (in place or not) and
+#: returns the sum; supplied by the integration that knows the process group.
+AllReduce = Callable[[Tensor], Tensor]
+
+
+class TensorFragment(NamedTuple):
+    """A contiguous piece of one parameter tensor inside a flat buffer (a ZeRO partition).
+
+    Attributes:
+        buffer: which flat buffer holds the piece (an index into the buffers given to
+            ``clip_fragments_``).
+        tensor: which whole tensor the piece belongs to (an index into the shapes
+            given to ``fragment_plan``).
+        offset: where the piece starts in its flat buffer.
+        numel: how many elements it has (> 0).
+        start: where it starts in the flattened whole tensor.
+    """
+
+    buffer: int
+    tensor: int
+    offset: int
+    numel: int
+    start: int
+
+
+@dataclass
+class _FragmentStep:
+    """A step observed from an engine whose gradients are clipped afterwards, piece by piece."""
+
+    finite: Tensor
+    coef: Tensor
+    base_clipped: Tensor
+    clipped: Tensor
+
+
+def _piece_powsums(
+    pieces: list[Tensor], norm_type: float, dtype: torch.dtype, foreach: bool | None
+) -> Tensor:
+    """``||piece||_p ** p`` of each piece (1-D, on the first piece's device); no host copy."""
+    device = pieces[0].device
+    same = all(p.device == device and p.dtype == pieces[0].dtype for p in pieces)
+    if same and foreach is not False and device.type != "meta":
+        norms = torch.stack(list(torch._foreach_norm(pieces, norm_type, dtype=dtype)))
+    else:
+        norms = torch.stack(
+            [torch.linalg.vector_norm(p, norm_type, dtype=dtype).to(device) for p in pieces]
+        )
+    return norms.pow(norm_type)
+
+
+def observe_for_fragments(clipper: Clipper, total_norm: Tensor, threshold: float) -> ClipStats:
+    """Record a step whose norm an engine computed; its gradients come later, in fragments.
+
+    Shared by :meth:`LayerWiseClip.observe_fragments_` and ``AGC.observe_fragments_``:
+    the norm updates the counters as in :meth:`Clipper.clip_` (``num_skipped``, the
+    consistency checks); ``clip_coef`` starts at 1 and ``num_clipped`` at its value
+    before the step, and each later ``clip_fragments_`` of this step lowers / raises
+    them in place (the returned stats' tensors are those it updates). No host read,
+    except with ``nonfinite="error"``.
+    """
+    total_norm = total_norm.detach().to(clipper.plan.device, clipper.plan.dtype).reshape(())
+    finite = clipper._finite_or_raise(total_norm)
+    clipper._count(finite, None)
+    level = torch.full_like(total_norm, threshold)
+    coef = torch.ones_like(total_norm)
+    stats = clipper._finish_step(total_norm, level, coef, ~finite)
+    clipper._fragment_step = _FragmentStep(  # type: ignore[attr-defined]
+        finite=finite,
+        coef=coef,
+        base_clipped=clipper.num_clipped.clone(),
+        clipped=torch.zeros((), dtype=torch.bool, device=finite.device),
+    )
+    return stats
+
+
+def fragment_step(clipper: Clipper) -> _FragmentStep:
+    """The step :func:`observe_for_fragments` opened; raise if there is none."""
+    step = getattr(clipper, "_fragment_step", None)
+    if step is None:
+        raise RuntimeError(
+            f"distclip {clipper.method}: clip_fragments_ needs the step's global norm first "
+            "(observe_fragments_)"
+        )
+    return step  # type: ignore[no-any-return]
+
+
+def record_fragments(
+    clipper: Clipper, step: _FragmentStep, smallest: Tensor, clipped: Tensor | None
+) -> None:
+    """Lower the step's ``clip_coef`` to ``smallest``; count ``clipped`` once per step."""
+    step.coef.copy_(torch.minimum(step.coef, smallest.to(step.coef.device, step.coef.dtype)))
+    if clipped is not None:
+        step.clipped |= clipped.to(step.clipped.device)
+        counted = (step.finite & step.clipped).to(clipper.num_clipped.device, torch.long)
+        clipper.num_clipped.copy_(step.base_clipped.to(clipper.num_clipped.device) + counted)
 
 
 @dataclass(frozen=True)
@@ -152,3 +257,96 @@ class LayerWiseClip(Clipper):
                 grad.mul_(coefs[index].to(grad.device))
         smallest = coefs.amin() if coefs.numel() else torch.ones_like(total_norm)
         return threshold, smallest, (coefs < 1.0).any()
+
+    # ------------------------------------------------ engines with flat partitions
+    @torch.no_grad()
+    def observe_fragments_(self, total_norm: Tensor) -> ClipStats:
+        """Record a step whose global norm an engine computed (DeepSpeed).
+
+        The gradients are clipped afterwards by :meth:`clip_fragments_`, wherever the
+        engine keeps them. ``threshold`` is ``max_norm``; ``clip_coef`` (the smallest
+        :math:`c_i`) and ``num_clipped`` are completed in place by
+        :meth:`clip_fragments_`. A NaN/inf ``total_norm`` counts as a skipped step and
+        leaves the gradients unscaled. No host read, except with ``nonfinite="error"``.
+
+        Raises:
+            NonFiniteNormError: as in :meth:`clip_`.
+        """
+        return observe_for_fragments(self, total_norm, self.config.max_norm)
+
+    def fragment_plan(
+        self,
+        shapes: Sequence[Sequence[int]],
+        fragments: Sequence[TensorFragment],
+        device: torch.device | None = None,
+    ) -> tuple[Tensor, int]:
+        """What :meth:`clip_fragments_` needs of a layout: computed once, reused each step.
+
+        Args:
+            shapes: the shape of every whole tensor the fragments belong to (the same
+                list on every rank that shares the reduction).
+            fragments: this rank's pieces of those tensors.
+            device: where the gradients will be (the index is made there once, so the
+                steps copy nothing from the host).
+
+        Returns:
+            ``(units, num_units)``: the tensor index of each fragment (int64) and
+            ``len(shapes)``.
+        """
+        units = torch.tensor([f.tensor for f in fragments], dtype=torch.long, device=device)
+        return units, len(shapes)
+
+    @torch.no_grad()
+    def clip_fragments_(
+        self,
+        plan: tuple[Tensor, int],
+        fragments: Sequence[TensorFragment],
+        grads: Sequence[Tensor | None],
+        all_reduce: AllReduce | None = None,
+    ) -> None:
+        r"""Scale each piece of each tensor by :math:`c_i = \min(1, \lambda / (\|g_i\| + \epsilon))`.
+
+        :math:`\|g_i\|` is the norm of tensor ``i`` over all its pieces on all ranks:
+        this rank's per-tensor power sums, summed over the ranks by ``all_reduce``
+        (``None``: this rank holds every piece), one call for the whole vector. Every
+        rank that shares the reduction must call this, with or without pieces.
+
+        Args:
+            plan: :meth:`fragment_plan` of ``fragments``.
+            fragments: this rank's pieces, in the order ``plan`` was made from.
+            grads: the flat gradient buffers the fragments index (``None``: no
+                gradient; those pieces are neither counted nor scaled).
+            all_reduce: sums a 1-D tensor over the ranks (``None``: no reduction).
+
+        Raises:
+            ValueError: ``norm_type`` is inf (power sums would need a MAX reduction).
+            RuntimeError: no step was opened by :meth:`observe_fragments_`.
+        """
+        step = fragment_step(self)
+        norm_type = self.config.norm_type
+        if math.isinf(norm_type):
+            raise ValueError("distclip layer_wise: clip_fragments_ needs a finite norm_type")
+        units, num_units = plan
+        present = [i for i, f in enumerate(fragments) if grads[f.buffer] is not None]
+        pieces = [
+            grads[fragments[i].buffer].narrow(0, fragments[i].offset, fragments[i].numel)  # type: ignore[union-attr]
+            for i in present
+        ]
+        device = pieces[0].device if pieces else step.finite.device
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in pieces) else torch.float32
+        powsums = torch.zeros(num_units, device=device, dtype=dtype)
+        if pieces:
+            local = _piece_powsums(pieces, norm_type, dtype, self.config.foreach)
+            index = units.to(device)
+            if len(present) != len(fragments):
+                index = index[torch.tensor(present, dtype=torch.long, device=device)]
+            powsums.index_add_(0, index, local)
+        if all_reduce is not None:
+            powsums = all_reduce(powsums).to(device)
+        norms = powsum_to_norm(powsums, norm_type)
+        coefs = (self.config.max_norm / (norms + self.config.eps)).clamp(max=1.0)
+        coefs = torch.where(step.finite.to(device), coefs, torch.ones_like(coefs))
+        for i, piece in zip(present, pieces, strict=True):
+            piece.mul_(coefs[fragments[i].tensor].to(piece.dtype))
+        if num_units:
+            record_fragments(self, step, coefs.amin(), (coefs < 1.0).any())

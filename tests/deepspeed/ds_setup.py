@@ -15,6 +15,7 @@ here imports DeepSpeed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -120,11 +121,14 @@ def make_spec(
     }
 
 
-def reference_train(spec: dict[str, Any]) -> dict[str, Any]:
+def reference_train(
+    spec: dict[str, Any], inspect: Callable[[nn.Module], None] | None = None
+) -> dict[str, Any]:
     """The native run: ``ClippedOptimizer(SGD)`` in one process on every rank's data.
 
     Returns per-step lists of the clip's ``total_norm``, ``threshold``, ``clip_coef``
     and ``skipped`` (floats) and the final parameters (a flat float32 tensor).
+    ``inspect`` sees the model after each step's backward, before the clip.
     """
     model = make_model()
     optimizer_cls = distclip.ClippedOptimizer(torch.optim.SGD, spec["method"], **spec["options"])
@@ -146,6 +150,8 @@ def reference_train(spec: dict[str, Any]) -> dict[str, Any]:
             if step == spec["nan_step"]:
                 loss = loss * math.nan
             loss.backward()
+        if inspect is not None:
+            inspect(model)
         optimizer.step()
         stats = optimizer.last_clip
         for key, value in stats.as_floats().items():
@@ -165,3 +171,28 @@ def own_norm_thresholds(spec: dict[str, Any], norms: list[float]) -> list[float]
     return [
         float(clipper.observe_(torch.tensor(norm, dtype=torch.float64)).threshold) for norm in norms
     ]
+
+
+def unit_clip_counts(model: nn.Module, method: str, options: dict[str, Any]) -> tuple[int, int]:
+    """``(units this step's layer_wise / agc would clip, units)`` of ``model``'s gradients.
+
+    By hand, from the unclipped gradients: layer_wise's units are the tensors
+    (``||g|| > max_norm``), AGC's the output rows of weights and the whole vectors
+    (``||G_u|| > clip_factor * max(||W_u||, 1e-3)``).
+    """
+    clipped = units = 0
+    for param in model.parameters():
+        grad, weight = param.grad, param.detach()
+        assert grad is not None
+        if method == "layer_wise":
+            clipped += int(float(grad.norm()) > options["max_norm"])
+            units += 1
+            continue
+        if grad.dim() >= 2:
+            grad_norm = grad.flatten(1).norm(dim=1)
+            weight_norm = weight.flatten(1).norm(dim=1)
+        else:
+            grad_norm, weight_norm = grad.norm().reshape(1), weight.norm().reshape(1)
+        clipped += int((grad_norm > options["clip_factor"] * weight_norm.clamp(min=1e-3)).sum())
+        units += grad_norm.numel()
+    return clipped, units

@@ -390,15 +390,24 @@ def run_attach_checks(spec: dict[str, Any]) -> dict[str, Any]:
         )
         return engine
 
-    # A method that needs per-tensor norms: refused before any step.
+    # layer_wise / agc with model parallelism: refused before any change.
     engine = plain_engine()
+    engine.mpu = object()
     for method in ("agc", "layer_wise"):
         out[f"refuse_{method}"] = _outcome(lambda m=method: distclip.deepspeed.attach(engine, m))
+    engine.mpu = None
     out["no_adapter_after_refusal"] = "distclip" not in engine.__dict__
 
-    # The element-wise clamp: a step pre-hook on the inner optimizer, gone after remove().
+    # layer_wise / agc: a step pre-hook on the inner optimizer, gone after remove().
     inner = engine.optimizer.optimizer
     hooks_before = len(inner._optimizer_step_pre_hooks)
+    adapter = distclip.deepspeed.attach(engine, "agc", clip_factor=0.1)
+    out["agc_hook_point"] = adapter.hook_point
+    out["agc_hooks_added"] = len(inner._optimizer_step_pre_hooks) - hooks_before
+    adapter.remove()
+    out["agc_hooks_after_remove"] = len(inner._optimizer_step_pre_hooks) - hooks_before
+
+    # The element-wise clamp: a step pre-hook on the inner optimizer, gone after remove().
     adapter = distclip.deepspeed.attach(engine, "value", clip_value=0.5)
     out["value_hook_point"] = adapter.hook_point
     out["value_hooks_added"] = len(inner._optimizer_step_pre_hooks) - hooks_before
@@ -449,3 +458,63 @@ def run_attach_checks(spec: dict[str, Any]) -> dict[str, Any]:
     # Not an engine.
     out["not_engine"] = _outcome(lambda: distclip.deepspeed.attach(torch.nn.Linear(2, 2)))
     return out
+
+
+def _partition_pieces(engine: Any) -> list[tuple[int, int, int]]:
+    """This rank's pieces of the model's parameters: ``(param index, start, numel)``.
+
+    ``start`` is the piece's offset in the flattened parameter (ZeRO 1/2 and
+    BF16_Optimizer: DeepSpeed's ``_hp_mapping``; ZeRO 3: the ``ds_tensor`` partition).
+    Empty at ZeRO 0 (every rank holds every tensor whole).
+    """
+    pieces = []
+    rank = dist.get_rank()
+    for index, param in enumerate(engine.module.parameters()):
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:
+            address = mapping.lp_fragment_address
+            pieces.append((index, int(address.start), int(address.numel)))
+        elif hasattr(param, "ds_tensor"):
+            size = int(param.partition_numel())
+            start = rank * size
+            numel = min(int(param.ds_numel) - start, size)
+            if numel > 0:
+                pieces.append((index, start, numel))
+    return pieces
+
+
+def run_per_unit(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`run_specs` for ``layer_wise``/``agc``; also the partition pieces and collectives.
+
+    Per spec also: ``pieces`` (see :func:`_partition_pieces`), ``collectives`` (the
+    all-reduces distclip issued over the run; ``None`` at ZeRO 0 fp32, which has no
+    inner-step hook), ``sub_groups`` (ZeRO 3's; 1 otherwise) and the clipper's
+    ``num_clipped``.
+    """
+    deepspeed = setup()
+    results = []
+    for spec in specs:
+        result: dict[str, Any] = {"name": spec["name"]}
+        try:
+            engine = build_engine(spec)
+            adapter = engine.distclip
+            result["wrapper"] = adapter.wrapper
+            result["hook_point"] = adapter.hook_point
+            result["pieces"] = _partition_pieces(engine)
+            result["records"] = train_steps(engine, spec, range(spec["steps"]))
+            # distclip's FragmentClip, the body of its step pre-hook on the inner optimizer.
+            inner = getattr(engine.optimizer, "optimizer", None) if adapter.wrapper else None
+            hooks = getattr(inner, "_optimizer_step_pre_hooks", {}).values()
+            clips = [h.apply for h in hooks if hasattr(h, "apply")]
+            result["collectives"] = clips[0].collectives if clips else None
+            result["sub_groups"] = len(
+                getattr(engine.optimizer, "fp32_partitioned_groups_flat", [0])
+            )
+            result["params"] = _full_fp32_params(deepspeed, engine)
+            result["checksum"] = adapter.clipper.state_checksum()
+            result["num_clipped"] = int(adapter.clipper.num_clipped)
+            _release(engine)
+        except Exception:
+            result["error"] = traceback.format_exc()
+        results.append(result)
+    return results

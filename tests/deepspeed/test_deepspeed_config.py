@@ -22,7 +22,7 @@ import torch
 import distclip
 import distclip.deepspeed as dsclip
 from distclip.clippers import AutoClipConfig, NormClipConfig
-from distclip.clippers.elementwise import ValueConfig
+from distclip.clippers.elementwise import LayerWiseConfig, ValueConfig
 from distclip.integrations.deepspeed import _hooks
 from distclip.integrations.deepspeed._config import config_from_arguments, load_deepspeed_config
 
@@ -46,16 +46,9 @@ BAD_SECTIONS: list[tuple[Any, type[Exception], tuple[str, ...]]] = [
     ({"nonfinite": "ignore"}, ValueError, ("nonfinite",)),
     ({"norm_type": 1.0}, ValueError, ("norm_type must be 2",)),
     ({"eps": 1e-8}, ValueError, ("eps must be 1e-06",)),
-    (
-        {"method": "agc"},
-        NotImplementedError,
-        ("'agc'", "output row", "flat fp32 partition", "a row can be split", "autoclip", "value"),
-    ),
-    (
-        {"method": "layer_wise"},
-        NotImplementedError,
-        ("'layer_wise'", "every parameter tensor", "flat fp32 partition", "a tensor can be split"),
-    ),
+    ({"method": "layer_wise", "max_norm": 0.0}, ValueError, ("max_norm",)),
+    ({"method": "layer_wise", "norm_type": 1.0}, ValueError, ("norm_type must be 2",)),
+    ({"method": "agc", "clip_factor": -1.0}, ValueError, ("clip_factor",)),
     ({"method": "value", "clip_value": 0.0}, ValueError, ("clip_value",)),
     ({"method": "value", "norm_type": 1.0}, ValueError, ("norm_type must be 2",)),
 ]
@@ -89,7 +82,7 @@ def test_missing_section_and_missing_method_mean_autoclip() -> None:
     assert norm.config == NormClipConfig(max_norm=2.0)
 
 
-def test_deepspeed_methods_are_the_external_norm_ones_and_the_clamps() -> None:
+def test_deepspeed_methods_are_every_method() -> None:
     assert set(dsclip.deepspeed_methods()) == {
         "norm",
         "autoclip",
@@ -101,15 +94,25 @@ def test_deepspeed_methods_are_the_external_norm_ones_and_the_clamps() -> None:
         "zclip",
         "value",
         "coordinate_wise",
-    }
-    assert set(distclip.available_methods()) - set(dsclip.deepspeed_methods()) == {
         "layer_wise",
         "agc",
     }
+    assert set(distclip.available_methods()) == set(dsclip.deepspeed_methods())
     for method in dsclip.deepspeed_methods():
         section = dsclip.parse_section({"method": method})
         assert section.method == method
         assert section.elementwise == (method in ("value", "coordinate_wise"))
+        assert section.per_unit == (method in ("layer_wise", "agc"))
+
+
+def test_per_unit_sections() -> None:
+    """layer_wise and agc apply their own eps (AGC's is its 1e-3 weight floor)."""
+    agc = dsclip.parse_section({"method": "agc", "clip_factor": 0.05})
+    assert agc.per_unit
+    assert not agc.elementwise
+    assert agc.config.eps == 1e-3
+    layer_wise = dsclip.parse_section({"method": "layer_wise", "max_norm": 2.0, "eps": 1e-8})
+    assert layer_wise.config == LayerWiseConfig(max_norm=2.0, eps=1e-8)
 
 
 def test_elementwise_sections() -> None:

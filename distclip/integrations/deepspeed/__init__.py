@@ -16,12 +16,10 @@ Two entry points:
   options given as keywords or, when none are, the same section of the engine's config.
 
 The method names and options are those of :func:`distclip.ClippedOptimizer`, for
-(:func:`deepspeed_methods`) the methods driven by one global norm (``norm``,
-``autoclip``, the four stochastic ones, ``zclip``) and the element-wise clamps
-(``value``, ``coordinate_wise``). ``layer_wise`` and ``agc`` are refused: they need
-per-tensor (per-row) norms, and DeepSpeed's ZeRO partitions are flat, cut across
-tensors at arbitrary offsets, while DeepSpeed computes only the global norm. The
-adapter is ``engine.distclip`` (:class:`DeepSpeedClipAdapter`) with ``clipper`` and
+every method (:func:`deepspeed_methods`): those driven by one global norm (``norm``,
+``autoclip``, the four stochastic ones, ``zclip``), the element-wise clamps (``value``,
+``coordinate_wise``) and the per-tensor / per-row methods (``layer_wise``, ``agc``).
+The adapter is ``engine.distclip`` (:class:`DeepSpeedClipAdapter`) with ``clipper`` and
 ``last_clip``.
 
 One norm, DeepSpeed's own: every DeepSpeed optimizer wrapper computes the pre-clip
@@ -36,8 +34,15 @@ updates the fp32 master weights (inside DeepSpeed's wrapper; ZeRO 0 fp32: the en
 optimizer) clamps its parameters' gradients, after DeepSpeed has unscaled them and
 before the update, and DeepSpeed's own ``gradient_clipping`` is neutral. Exact on any
 ZeRO partition, with no collective and no read to the host; ``last_clip`` still reports
-DeepSpeed's norm. See ``_hooks`` for the verified wrappers and DeepSpeed versions;
-anything else is refused with a clear error.
+DeepSpeed's norm.
+
+``layer_wise`` and ``agc`` clip at the same point, on DeepSpeed's flat fp32 partitions,
+which cut tensors (and rows) at arbitrary offsets: distclip finds each partition's
+pieces of each parameter from DeepSpeed's own bookkeeping and sums the per-tensor
+(per-row) partial norms over the ranks in one all-reduce per inner optimizer step, so
+the result equals the native clip on the whole model. See ``_hooks`` and
+``_partitions`` for the verified wrappers and DeepSpeed versions; anything else is
+refused with a clear error.
 
 Checkpoints: ``engine.save_checkpoint`` saves the clipper's state in ``client_state``
 under the key ``"distclip"`` and ``engine.load_checkpoint`` restores it (the key is
@@ -54,7 +59,7 @@ import inspect
 import logging
 from typing import Any
 
-from distclip.clippers import make_clipper
+from distclip.clippers import AGC, LayerWiseClip, make_clipper
 from distclip.clippers.elementwise import ValueClip
 from distclip.integrations.binding import OptimizerBinding
 from distclip.integrations.deepspeed._adapter import STATE_KEY, DeepSpeedClipAdapter
@@ -149,13 +154,17 @@ def _attach_section(
             "engine.distclip.remove() before attaching another"
         )
     elementwise = section.elementwise
+    per_unit = section.method if section.per_unit else None
     # Refuses before any change.
-    plan = plan_hook(engine, allow_unverified=allow_unverified, elementwise=elementwise)
+    plan = plan_hook(
+        engine, allow_unverified=allow_unverified, elementwise=elementwise, per_unit=per_unit
+    )
     params = [p for p in engine.module.parameters() if p.requires_grad] or list(
         engine.module.parameters()
     )
     clipper = make_clipper(section.method, params, **section.options)
     clamp = clipper.clamp_ if isinstance(clipper, ValueClip) else None
+    fragments = clipper if isinstance(clipper, (LayerWiseClip, AGC)) else None
     adapter = DeepSpeedClipAdapter(
         engine, clipper, section, wrapper=plan.wrapper, hook_point=plan.hook_point
     )
@@ -165,10 +174,15 @@ def _attach_section(
         current = (
             first.pop()
             if first
-            else plan_hook(engine, allow_unverified=allow_unverified, elementwise=elementwise)
+            else plan_hook(
+                engine,
+                allow_unverified=allow_unverified,
+                elementwise=elementwise,
+                per_unit=per_unit,
+            )
         )
         binding = OptimizerBinding(clipper, engine.optimizer) if current.wrapper is None else None
-        return current.install(adapter.observe, binding, clamp)
+        return current.install(adapter.observe, binding, clamp, fragments)
 
     adapter._set_hook(install)
     adapter._wrap_checkpointing()
@@ -218,10 +232,11 @@ def attach(
         TypeError: ``engine`` is not a DeepSpeed engine; an unknown option or one of the
             wrong type; a section that is not a dict.
         ValueError: an unknown method or an option out of range; already attached.
-        NotImplementedError: a method that needs per-tensor norms (``layer_wise``,
-            ``agc``), an optimizer wrapper / precision distclip has not verified, or
-            (``value``, ``coordinate_wise``) a wrapper configuration where the inner
-            optimizer step does not update from the clamped ``.grad`` (see ``_hooks``).
+        NotImplementedError: an optimizer wrapper / precision distclip has not
+            verified; (``value``, ``coordinate_wise``, ``layer_wise``, ``agc``) a wrapper
+            configuration where the inner optimizer step does not update from the
+            clipped ``.grad``; (``layer_wise``, ``agc``) model parallelism or ZeRO 3
+            with NVMe offload (see ``_hooks``).
         DeepSpeedVersionError: an unverified DeepSpeed without ``allow_unverified``.
     """
     if method is None and not options:

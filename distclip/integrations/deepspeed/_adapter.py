@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from distclip.clippers import Clipper, ClipStats
+from distclip.clippers import AGC, Clipper, ClipStats, LayerWiseClip
 from distclip.clippers.elementwise import ValueClip
 from distclip.integrations.deepspeed._config import SECTION_KEY, ClipSection
 from distclip.integrations.deepspeed._hooks import InstalledHook
@@ -30,8 +30,10 @@ class DeepSpeedClipAdapter:
     not directly. Each optimizer step, DeepSpeed's own pre-clip global norm goes to
     :attr:`clipper` (its window, counters and checks), and DeepSpeed clips by the
     threshold that comes back. For the element-wise clamps (``value``,
-    ``coordinate_wise``) DeepSpeed does not clip by norm: the torch optimizer that
-    updates the fp32 master weights clamps their gradients in a step pre-hook.
+    ``coordinate_wise``) and the per-tensor / per-row methods (``layer_wise``, ``agc``)
+    DeepSpeed does not clip by norm: the torch optimizer that updates the fp32 master
+    weights clips their gradients in a step pre-hook (ZeRO 0 fp32, ``layer_wise`` /
+    ``agc``: ``engine.clip_fp32_gradients``).
 
     Attributes:
         clipper: the :class:`~distclip.Clipper` (options, state, ``check_consistency``).
@@ -39,7 +41,9 @@ class DeepSpeedClipAdapter:
             (``None`` before the first), as ``optimizer.last_clip`` of the optimizer
             wrappers: ``total_norm`` is DeepSpeed's pre-clip norm (in the clipper's
             dtype), ``threshold`` what DeepSpeed clipped by (the clamp bound
-            ``clip_value`` for the element-wise clamps, whose ``clip_coef`` is 1). On a
+            ``clip_value`` for the element-wise clamps, whose ``clip_coef`` is 1;
+            ``max_norm`` / ``clip_factor`` for ``layer_wise`` / ``agc``, whose
+            ``clip_coef`` is the smallest per-tensor / per-row factor of all ranks). On a
             step DeepSpeed skipped (fp32/bf16 NaN or inf) it reports the skip; an fp16
             loss-scale overflow leaves it unchanged (the step is not counted, as with
             ``GradScaler``).
@@ -48,7 +52,8 @@ class DeepSpeedClipAdapter:
         hook_point: where the method acts: the threshold enters DeepSpeed at
             ``"<wrapper>.clip_grad"`` or ``"engine.clip_fp32_gradients"``; the clamp is
             a step pre-hook at ``"<wrapper>.optimizer.step"`` or
-            ``"engine.optimizer.step"``.
+            ``"engine.optimizer.step"``; ``layer_wise`` / ``agc`` act at
+            ``"<wrapper>.optimizer.step"`` or ``"engine.clip_fp32_gradients"``.
         section: the validated configuration the clipper was built from.
     """
 
@@ -104,11 +109,15 @@ class DeepSpeedClipAdapter:
     def observe(self, total_norm: Tensor) -> ClipStats:
         """Feed DeepSpeed's norm of this step to the clipper; record and return the stats.
 
-        For the element-wise clamps the norm only feeds the counters and ``last_clip``
-        (the clamp itself is applied in the inner optimizer's step pre-hook).
+        For the element-wise clamps and ``layer_wise`` / ``agc`` the norm only feeds the
+        counters and ``last_clip`` (the clip itself is applied in the inner optimizer's
+        step pre-hook, or at ZeRO 0 fp32 in ``engine.clip_fp32_gradients``, which also
+        completes ``last_clip.clip_coef``).
         """
         if isinstance(self.clipper, ValueClip):
             stats = self.clipper.observe_clamp_(total_norm)
+        elif isinstance(self.clipper, (LayerWiseClip, AGC)):
+            stats = self.clipper.observe_fragments_(total_norm)
         else:
             stats = self.clipper.observe_(total_norm)
         self.last_clip = stats

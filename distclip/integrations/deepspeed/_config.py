@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from distclip.clippers import METHODS, ClipConfig, Clipper, resolve_method
+from distclip.clippers import AGC, METHODS, ClipConfig, Clipper, LayerWiseClip, resolve_method
 from distclip.clippers.elementwise import ValueClip
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "config_from_arguments",
     "deepspeed_methods",
     "is_elementwise",
+    "is_per_unit",
     "load_deepspeed_config",
     "parse_section",
 ]
@@ -57,32 +58,31 @@ def is_elementwise(clipper_cls: type[Clipper]) -> bool:
     return issubclass(clipper_cls, ValueClip)
 
 
+def is_per_unit(clipper_cls: type[Clipper]) -> bool:
+    """True for the methods that clip per tensor or per row (``layer_wise``, ``agc``).
+
+    Under DeepSpeed they clip the gradients of the fp32 master partitions inside the
+    optimizer step, with the per-tensor (per-row) norms reduced over the partitions.
+    """
+    return issubclass(clipper_cls, (LayerWiseClip, AGC))
+
+
 def deepspeed_methods() -> tuple[str, ...]:
     """The method names (aliases included) that work under DeepSpeed, sorted.
 
-    Two kinds: the methods whose rule is one global factor
+    Three kinds: the methods whose rule is one global factor
     ``min(1, threshold / (n + eps))`` (``Clipper.supports_external_norm``), driven by
-    DeepSpeed's own norm; and the element-wise clamps (``value``, ``coordinate_wise``),
-    exact on any ZeRO partition. Not ``layer_wise`` and ``agc``: see
-    :func:`parse_section`.
+    DeepSpeed's own norm; the element-wise clamps (``value``, ``coordinate_wise``),
+    exact on any ZeRO partition; and the per-tensor / per-row methods (``layer_wise``,
+    ``agc``), whose norms distclip reduces over DeepSpeed's partitions.
     """
     return tuple(
         sorted(
             name
             for name, cls in METHODS.items()
-            if cls.supports_external_norm or is_elementwise(cls)
+            if cls.supports_external_norm or is_elementwise(cls) or is_per_unit(cls)
         )
     )
-
-
-#: What ``layer_wise`` and ``agc`` need, and the unit a ZeRO partition can split.
-_PER_TENSOR_NEEDS = {
-    "layer_wise": ("the norm of every parameter tensor's gradient", "tensor"),
-    "agc": (
-        "the norm of every output row of every weight's gradient and of the weight itself",
-        "row",
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,11 @@ class ClipSection:
         """True for the element-wise clamps (``value``, ``coordinate_wise``)."""
         return is_elementwise(self.clipper_cls)
 
+    @property
+    def per_unit(self) -> bool:
+        """True for the per-tensor / per-row methods (``layer_wise``, ``agc``)."""
+        return is_per_unit(self.clipper_cls)
+
 
 def parse_section(
     section: Any, *, where: str = "the DeepSpeed config's 'distclip' section"
@@ -128,8 +133,8 @@ def parse_section(
         ValueError: an unknown method; an option out of range; ``norm_type`` other
             than 2, or ``eps`` other than 1e-6 for a norm-driven method (DeepSpeed's
             norm and eps are fixed).
-        NotImplementedError: a method that needs per-tensor norms (``layer_wise``,
-            ``agc``): DeepSpeed's ZeRO partitions are flat and cut across tensors.
+        NotImplementedError: a method DeepSpeed cannot drive (none of the registered
+            ones today).
     """
     present = section is not None
     if section is None:
@@ -149,19 +154,12 @@ def parse_section(
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from exc
     elementwise = is_elementwise(clipper_cls)
-    if not (clipper_cls.supports_external_norm or elementwise):
-        needs, unit = _PER_TENSOR_NEEDS.get(
-            clipper_cls.method, ("per-tensor gradient norms", "tensor")
-        )
+    # The element-wise and per-unit methods apply their own eps (AGC's is a weight floor).
+    own_eps = elementwise or is_per_unit(clipper_cls)
+    if not (clipper_cls.supports_external_norm or own_eps):
         raise NotImplementedError(
-            f"{where}: method {method!r} needs {needs}, which DeepSpeed does not provide: "
-            "it computes only one global norm, and under ZeRO 1-3 and BF16_Optimizer each "
-            "rank's gradients are one flat fp32 partition cut at arbitrary offsets, so a "
-            f"{unit} can be split across ranks and a partition holds pieces of several. "
-            "Those norms would need another pass over the gradients and an extra all-reduce "
-            "through DeepSpeed's internal partition layout, which distclip does not do, so "
-            f"it refuses {method!r} under DeepSpeed. Methods that work under DeepSpeed: "
-            f"{', '.join(deepspeed_methods())}"
+            f"{where}: method {method!r} is not supported under DeepSpeed. Methods that "
+            f"work under DeepSpeed: {', '.join(deepspeed_methods())}"
         )
     try:
         config = clipper_cls.config_cls.from_options(method, options)
@@ -172,7 +170,7 @@ def parse_section(
             f"{where}: norm_type must be 2 under DeepSpeed (DeepSpeed computes the L2 norm), "
             f"got {config.norm_type!r}"
         )
-    if config.eps != _DEEPSPEED_EPS and not elementwise:
+    if config.eps != _DEEPSPEED_EPS and not own_eps:
         raise ValueError(
             f"{where}: eps must be {_DEEPSPEED_EPS} under DeepSpeed (DeepSpeed's clip "
             f"coefficient min(1, threshold / (norm + 1e-6)) has it built in), got {config.eps!r}"

@@ -57,6 +57,23 @@ a ``torch.amp.GradScaler`` inside the wrapper (torch autocast in fp16: a fused
 optimizer unscales inside its own step, after the hook), ZeRO 3's ZenFlow, and Muon
 (DeepSpeed writes Muon's orthogonalised update into the gradient partitions first: the
 clamp would bound the update, not the gradient).
+
+**The per-tensor / per-row methods** (``layer_wise``, ``agc``) act at the same point as
+the clamps, with DeepSpeed's own clip neutral in the same way: the step pre-hook on the
+inner optimizer clips its flat fp32 gradient partitions (after DeepSpeed has unscaled
+them, before the update) with :class:`~._partitions.FragmentClip`, which knows from
+DeepSpeed's own bookkeeping which piece of which parameter lies where in each
+partition (see ``_partitions`` for what was verified per wrapper). Per inner step, the
+per-tensor (per-row, gradient and weight) partial sums go through one all-reduce over
+the process group DeepSpeed partitioned the buffer over, in the same order on every
+rank (ZeRO 1/2: once per param group; ZeRO 3: once per sub-group; ``BF16_Optimizer``:
+once for all its data-parallel groups); every rank joins, whether it holds a piece of
+a tensor or not. AGC's weights are the fp32 master weights. Whole tensors (ZeRO 0 in
+fp32, where DeepSpeed has already averaged the gradients on every rank, and
+``FP16_UnfusedOptimizer``) need no collective; ZeRO 0 in fp32 clips them in
+``clip_fp32_gradients``. Refused besides the clamps' refusals: model parallelism (an
+``mpu``: tensors are also split across model-parallel ranks in a layout DeepSpeed does
+not describe) and ZeRO 3 with the optimizer on NVMe (not verified).
 """
 
 from __future__ import annotations
@@ -76,6 +93,11 @@ from torch import Tensor
 from distclip.clippers import ClipStats
 from distclip.functional import scale_
 from distclip.integrations.binding import OptimizerBinding, SkipToken
+from distclip.integrations.deepspeed._partitions import (
+    FragmentClip,
+    FragmentClipper,
+    whole_tensor_clip,
+)
 
 __all__ = [
     "ENGINE_CLAMP_HOOK",
@@ -129,6 +151,9 @@ Observer = Callable[[Tensor], ClipStats]
 
 #: Clamps a list of gradients in place (``ValueClip.clamp_``).
 Clamp = Callable[[list[Tensor]], None]
+
+#: What the inner optimizer's step pre-hook does with that optimizer.
+InnerApply = Callable[[Any], None]
 
 _MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
@@ -382,22 +407,24 @@ class InstalledHook:
 
 
 class _ClampHook:
-    """The step pre-hook that clamps the gradients of torch optimizers' parameters.
+    """The step pre-hook that clips the gradients of torch optimizers' parameters.
 
-    Registered on the optimizers that update the fp32 master weights; clamps only while
+    Registered on the optimizers that update the fp32 master weights; acts only while
     ``active()`` (inside a DeepSpeed step that went past its norm), so other calls of
-    those optimizers' ``step()`` are left alone.
+    those optimizers' ``step()`` are left alone. ``apply`` gets the optimizer: it
+    clamps its gradients (``value``) or clips them tensor by tensor / row by row
+    (``layer_wise``, ``agc``: :class:`~._partitions.FragmentClip`).
     """
 
     def __init__(
         self,
         optimizers: list[torch.optim.Optimizer],
-        clamp: Clamp,
+        apply: InnerApply,
         active: Callable[[], bool],
         on_call: Callable[[], None] | None = None,
     ) -> None:
         self.optimizers = optimizers
-        self.clamp = clamp
+        self.apply = apply
         self.active = active
         self.on_call = on_call
         self.handles = [opt.register_step_pre_hook(self) for opt in optimizers]
@@ -407,7 +434,19 @@ class _ClampHook:
             return
         if self.on_call is not None:
             self.on_call()
-        self.clamp(
+        self.apply(optimizer)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _clamp_apply(clamp: Clamp) -> InnerApply:
+    """Clamp the ``.grad`` of every parameter the optimizer is about to step."""
+
+    def apply(optimizer: Any) -> None:
+        clamp(
             [
                 param.grad
                 for group in optimizer.param_groups
@@ -416,10 +455,7 @@ class _ClampHook:
             ]
         )
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+    return apply
 
 
 def _inner_optimizers(wrapper: Any) -> list[Any]:
@@ -436,9 +472,20 @@ def _same_objects(first: list[Any], second: list[Any]) -> bool:
 
 
 def _install_wrapper_hook(
-    optimizer: Any, wrapper: str, observe: Observer, fp16: bool, clamp: Clamp | None = None
+    optimizer: Any,
+    wrapper: str,
+    observe: Observer,
+    fp16: bool,
+    clamp: Clamp | None = None,
+    fragments: FragmentClipper | None = None,
 ) -> InstalledHook:
-    """Hook ``optimizer`` (a DeepSpeed wrapper); with ``clamp``, its inner optimizers too."""
+    """Hook ``optimizer`` (a DeepSpeed wrapper); with ``clamp`` or ``fragments``, its inner
+    optimizers too (the clip happens there, DeepSpeed's own clip is neutral)."""
+    inner_apply: InnerApply | None = None
+    if clamp is not None:
+        inner_apply = _clamp_apply(clamp)
+    elif fragments is not None:
+        inner_apply = FragmentClip(optimizer, wrapper, fragments)
     original_class = type(optimizer)
     original_step = optimizer.step
     had_step = "step" in optimizer.__dict__
@@ -449,16 +496,16 @@ def _install_wrapper_hook(
         ds_clip=optimizer.__dict__.get("clip_grad", 0.0),
         original_class=original_class,
         original_step=original_step,
-        clamps=clamp is not None,
+        clamps=inner_apply is not None,
     )
-    inner = _inner_optimizers(optimizer) if clamp is not None else []
+    inner = _inner_optimizers(optimizer) if inner_apply is not None else []
     clamp_hook: _ClampHook | None = None
-    if clamp is not None:
+    if inner_apply is not None:
 
         def counted() -> None:
             hook.clamp_calls += 1
 
-        clamp_hook = _ClampHook(inner, clamp, hook.clamp_active, counted)
+        clamp_hook = _ClampHook(inner, inner_apply, hook.clamp_active, counted)
 
     def step(*args: Any, **kwargs: Any) -> Any:
         hook.arm(optimizer)
@@ -492,7 +539,7 @@ def _install_wrapper_hook(
         return (
             optimizer.__dict__.get(_HOOK_ATTR) is hook
             and optimizer.__dict__.get("step") is step
-            and (clamp is None or _same_objects(_inner_optimizers(optimizer), inner))
+            and (inner_apply is None or _same_objects(_inner_optimizers(optimizer), inner))
         )
 
     return InstalledHook(intact, remove)
@@ -532,13 +579,19 @@ def _deepspeed_fp32_norm(engine: Any, params: list[Tensor]) -> Tensor:
 
 
 def _install_engine_hook(
-    engine: Any, observe: Observer, binding: OptimizerBinding, clamp: Clamp | None = None
+    engine: Any,
+    observe: Observer,
+    binding: OptimizerBinding,
+    clamp: Clamp | None = None,
+    whole: Callable[[list[Tensor]], None] | None = None,
 ) -> InstalledHook:
     """Hook a ZeRO-0 fp32 engine (no wrapper); with ``clamp``, its optimizer's step too.
 
     The norm and the skip decision stay in ``clip_fp32_gradients``; a norm-driven method
-    scales there, the element-wise clamp happens in ``engine.optimizer``'s step pre-hook
-    (on a skipped step the binding has hidden the gradients, or set ``found_inf``).
+    scales there, ``layer_wise`` / ``agc`` clip the whole tensors there (``whole``: every
+    rank holds DeepSpeed's averaged gradients, no collective), the element-wise clamp
+    happens in ``engine.optimizer``'s step pre-hook (on a skipped step the binding has
+    hidden the gradients, or set ``found_inf``).
     """
     optimizer = engine.optimizer
     armed: list[SkipToken] = []
@@ -555,7 +608,9 @@ def _install_engine_hook(
         total = _deepspeed_fp32_norm(engine, params)
         stats = observe(total)
         engine._global_grad_norm = total
-        if clamp is None:
+        if whole is not None:
+            whole(params)
+        elif clamp is None:
             grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
             scale_(grads, stats.clip_coef, foreach=binding.clipper.config.foreach)
         armed.append(binding.arm_skip(optimizer, stats, can_bypass=False))
@@ -567,7 +622,7 @@ def _install_engine_hook(
 
     clamp_hook = None
     if clamp is not None:
-        clamp_hook = _ClampHook([optimizer], clamp, lambda: bool(armed))
+        clamp_hook = _ClampHook([optimizer], _clamp_apply(clamp), lambda: bool(armed))
     post_hook = optimizer.register_step_post_hook(disarm)
     engine.clip_fp32_gradients = clip_fp32_gradients
     if not original_clipping > 0.0:
@@ -599,25 +654,41 @@ class HookPlan:
     Attributes:
         wrapper: the wrapper's class name, or ``None`` for ZeRO 0 fp32 (no wrapper).
         elementwise: the method is an element-wise clamp (``value``, ``coordinate_wise``).
+        per_unit: the method clips per tensor or per row (``layer_wise``, ``agc``).
         hook_point: where the method acts: ``"<wrapper>.clip_grad"`` or
-            :data:`ENGINE_HOOK` for the norm-driven methods; ``"<wrapper>.optimizer.step"``
-            or :data:`ENGINE_CLAMP_HOOK` for the element-wise clamps.
+            :data:`ENGINE_HOOK` for the norm-driven methods (and ``layer_wise`` /
+            ``agc`` at ZeRO 0 fp32); ``"<wrapper>.optimizer.step"`` or
+            :data:`ENGINE_CLAMP_HOOK` for the element-wise clamps;
+            ``"<wrapper>.optimizer.step"`` for ``layer_wise`` / ``agc`` under a wrapper.
     """
 
     def __init__(
-        self, engine: Any, wrapper: str | None, fp16: bool, *, elementwise: bool = False
+        self,
+        engine: Any,
+        wrapper: str | None,
+        fp16: bool,
+        *,
+        elementwise: bool = False,
+        per_unit: bool = False,
     ) -> None:
         self.engine = engine
         self.wrapper = wrapper
         self.fp16 = fp16
         self.elementwise = elementwise
+        self.per_unit = per_unit
         if elementwise:
             self.hook_point = ENGINE_CLAMP_HOOK if wrapper is None else f"{wrapper}.optimizer.step"
+        elif per_unit and wrapper is not None:
+            self.hook_point = f"{wrapper}.optimizer.step"
         else:
             self.hook_point = ENGINE_HOOK if wrapper is None else f"{wrapper}.clip_grad"
 
     def install(
-        self, observe: Observer, binding: OptimizerBinding | None, clamp: Clamp | None = None
+        self,
+        observe: Observer,
+        binding: OptimizerBinding | None,
+        clamp: Clamp | None = None,
+        fragments: FragmentClipper | None = None,
     ) -> InstalledHook:
         """Install the hook.
 
@@ -626,22 +697,33 @@ class HookPlan:
             binding: the clipper and optimizer, for ZeRO 0 (skips a NaN/inf step).
             clamp: clamps a list of fp32 gradients in place; required exactly when the
                 plan is :attr:`elementwise`.
+            fragments: the ``LayerWiseClip`` / ``AGC``; required exactly when the plan
+                is :attr:`per_unit`.
         """
         if (clamp is not None) != self.elementwise:
             raise ValueError("a clamp is given exactly for the element-wise methods")
+        if (fragments is not None) != self.per_unit:
+            raise ValueError("fragments is given exactly for layer_wise and agc")
         if self.wrapper is None:
             assert binding is not None
-            return _install_engine_hook(self.engine, observe, binding, clamp)
-        return _install_wrapper_hook(self.engine.optimizer, self.wrapper, observe, self.fp16, clamp)
+            whole = whole_tensor_clip(fragments) if fragments is not None else None
+            return _install_engine_hook(self.engine, observe, binding, clamp, whole)
+        return _install_wrapper_hook(
+            self.engine.optimizer, self.wrapper, observe, self.fp16, clamp, fragments
+        )
 
 
-def plan_hook(engine: Any, *, allow_unverified: bool, elementwise: bool = False) -> HookPlan:
+def plan_hook(
+    engine: Any, *, allow_unverified: bool, elementwise: bool = False, per_unit: str | None = None
+) -> HookPlan:
     """Decide how to hook ``engine``; refuse what has not been verified.
 
     Args:
         engine: the DeepSpeed engine.
         allow_unverified: hook a subclass of a supported wrapper as that wrapper.
         elementwise: plan for an element-wise clamp (``value``, ``coordinate_wise``).
+        per_unit: the method's name when it clips per tensor or per row
+            (``layer_wise``, ``agc``), else ``None``.
 
     Raises:
         TypeError: ``engine`` is not a ``deepspeed.DeepSpeedEngine``.
@@ -649,7 +731,8 @@ def plan_hook(engine: Any, *, allow_unverified: bool, elementwise: bool = False)
             ``compute_grad_norm`` off (there is then no norm to use).
         NotImplementedError: an optimizer wrapper distclip has not verified, the legacy
             fused-Adam fp16 path, ZeRO 0 with fp16, ZeRO 0 with torch autocast; for the
-            element-wise clamps also the cases listed in the module docstring.
+            element-wise clamps and ``layer_wise`` / ``agc`` also the cases listed in
+            the module docstring.
     """
     deepspeed = import_deepspeed()
     if not isinstance(engine, deepspeed.DeepSpeedEngine):
@@ -699,7 +782,11 @@ def plan_hook(engine: Any, *, allow_unverified: bool, elementwise: bool = False)
                 f"ZeRO 0 in fp32 with a {type(optimizer).__name__} that is not a "
                 "torch.optim.Optimizer is not supported by distclip's DeepSpeed adapter"
             )
-        return HookPlan(engine, None, fp16=False, elementwise=elementwise)
+        if per_unit is not None:
+            _check_per_unit_supported(engine, None, per_unit)
+        return HookPlan(
+            engine, None, fp16=False, elementwise=elementwise, per_unit=per_unit is not None
+        )
     if wrapper in ("FP16_Optimizer", "FP16_UnfusedOptimizer") and fp16:
         raise NotImplementedError(
             "ZeRO 0 with fp16 (DeepSpeed's FP16_Optimizer / FP16_UnfusedOptimizer) is not "
@@ -719,39 +806,68 @@ def plan_hook(engine: Any, *, allow_unverified: bool, elementwise: bool = False)
         )
     if elementwise:
         _check_clamp_supported(optimizer, wrapper)
-    return HookPlan(engine, wrapper, fp16=fp16, elementwise=elementwise)
+    if per_unit is not None:
+        _check_clamp_supported(optimizer, wrapper, per_unit)
+        _check_per_unit_supported(engine, wrapper, per_unit)
+    return HookPlan(
+        engine, wrapper, fp16=fp16, elementwise=elementwise, per_unit=per_unit is not None
+    )
 
 
-def _check_clamp_supported(optimizer: Any, wrapper: str) -> None:
-    """Refuse the wrapper configurations where a clamp in the inner step would be wrong."""
-    where = f"distclip's element-wise clamp (value, coordinate_wise) under DeepSpeed's {wrapper}"
+def _check_per_unit_supported(engine: Any, wrapper: str | None, method: str) -> None:
+    """Refuse what ``layer_wise`` / ``agc`` cannot see the tensor layout of."""
+    where = f"distclip's {method!r} under DeepSpeed"
+    if getattr(engine, "mpu", None) is not None:
+        raise NotImplementedError(
+            f"{where} with model parallelism (an mpu): tensors are also split across the "
+            "model-parallel ranks, in a layout DeepSpeed does not describe, so per-tensor "
+            "(per-row) norms cannot be assembled; use a global-norm method (norm, "
+            "autoclip, zclip) or value"
+        )
+    optimizer = engine.optimizer
+    if wrapper == "DeepSpeedZeroOptimizer_Stage3" and getattr(optimizer, "swap_optimizer", False):
+        raise NotImplementedError(
+            f"{where}: ZeRO 3 with the optimizer offloaded to NVMe swaps the fp32 partitions "
+            "in and out around the inner step, a path distclip has not verified; offload "
+            "to the CPU instead, or use a global-norm method (norm, autoclip, zclip) or value"
+        )
+
+
+def _check_clamp_supported(optimizer: Any, wrapper: str, method: str | None = None) -> None:
+    """Refuse the wrapper configurations where a clip in the inner step would be wrong."""
+    if method is None:
+        where = (
+            f"distclip's element-wise clamp (value, coordinate_wise) under DeepSpeed's {wrapper}"
+        )
+    else:
+        where = f"distclip's {method!r} (clipped in the inner optimizer step) under DeepSpeed's {wrapper}"
     if wrapper == "FP16_UnfusedOptimizer" and getattr(optimizer, "fused_lamb_legacy", False):
         raise NotImplementedError(
             f"{where}: the legacy fused-LAMB step hands the gradients to its inner optimizer "
-            "as arguments, not in .grad, so distclip cannot clamp them; use another optimizer"
+            "as arguments, not in .grad, so distclip cannot clip them; use another optimizer"
         )
     if getattr(optimizer, "torch_autocast_gradscaler", None) is not None:
         raise NotImplementedError(
             f"{where}: torch autocast in fp16 puts a torch.amp.GradScaler inside the wrapper, "
             "and with a fused optimizer the gradients are only unscaled inside its step, after "
-            "distclip's clamp would run; use bf16 or DeepSpeed's own fp16"
+            "distclip's clip would run; use bf16 or DeepSpeed's own fp16"
         )
     if getattr(optimizer, "zenflow", False):
         raise NotImplementedError(
             f"{where}: ZenFlow updates the parameters in its own CPU step, not in the inner "
-            "optimizer's step where distclip clamps"
+            "optimizer's step where distclip clips"
         )
     muon = getattr(sys.modules.get(_MUON_MODULE), "MuonWithAuxAdam", None)
     inner = _inner_optimizers(optimizer)
     if muon is not None and any(isinstance(opt, muon) for opt in inner):
         raise NotImplementedError(
             f"{where}: with Muon, DeepSpeed writes Muon's orthogonalised update into the "
-            "gradient partitions before the inner step, so a clamp there would bound the "
+            "gradient partitions before the inner step, so a clip there would act on the "
             "update, not the gradient"
         )
     for opt in inner:
         if not isinstance(opt, torch.optim.Optimizer):
             raise NotImplementedError(
                 f"{where}: the inner optimizer {type(opt).__name__} is not a "
-                "torch.optim.Optimizer, so it has no step pre-hook for distclip's clamp"
+                "torch.optim.Optimizer, so it has no step pre-hook for distclip's clip"
             )

@@ -1,0 +1,266 @@
+"""Per-tensor and per-row clipping (``layer_wise``, ``agc``) on DeepSpeed's flat fp32 partitions.
+
+The torch optimizer inside a DeepSpeed wrapper updates flat fp32 buffers, each the
+concatenation of this rank's pieces of several parameters (cut at arbitrary offsets
+under ZeRO 1-3 and ``BF16_Optimizer``). This module finds, for each such buffer, which
+piece of which parameter lies where (a :class:`FlatLayout`), and clips them in the
+inner optimizer's step pre-hook (:class:`FragmentClip`): one all-reduce of the vector
+of per-tensor (per-row) partial sums per buffer batch, over the process group
+DeepSpeed partitioned that buffer over. Where the layout comes from, verified in
+DeepSpeed 0.19.8's source:
+
+* ZeRO 1/2 and ``BF16_Optimizer``: ``single_partition_of_fp32_groups[i]`` /
+  ``fp32_groups_flat_partition[i]`` is the inner optimizer's parameter of param group
+  ``i``; ``link_hp_params`` gives each parameter of ``bit16_groups[i]`` /
+  ``bf16_groups[i]`` that overlaps this rank's partition a ``_hp_mapping`` whose
+  ``hp_fragment_address.start`` is the piece's offset in that buffer and
+  ``lp_fragment_address.start`` its offset in the flattened parameter; the partition is
+  over ``real_dp_process_group[i]``. ZeRO 1/2 calls the inner step once per param
+  group; ``BF16_Optimizer`` once for all.
+* ZeRO 3: ``fp32_partitioned_groups_flat[s]`` is the buffer of sub-group ``s``: the
+  parameters of ``fp16_groups[s]`` in order, each ``partition_numel()`` elements (its
+  ``ds_tensor``, zero-padded on the last ranks) at ``grad_position[id][1]``; rank ``r``
+  of ``sub_group_process_groups[s]`` holds elements ``[r * partition_numel, ...)`` of
+  the flattened parameter (shape ``ds_shape``). The inner step runs once per sub-group,
+  in the same order on every rank, with only that buffer in ``param_groups``.
+* ``FP16_Optimizer``: ``fp32_groups_flat[i]`` is ``fp16_groups[i]`` flattened whole
+  (no partition, no collective). ``FP16_UnfusedOptimizer`` and ZeRO 0 in fp32: whole
+  parameter tensors (no collective).
+"""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from distclip.clippers import AGC, LayerWiseClip
+from distclip.clippers.elementwise import TensorFragment
+
+__all__ = ["FlatLayout", "FragmentClip", "whole_tensor_clip"]
+
+#: The clippers whose units are tensors or rows of tensors.
+FragmentClipper = LayerWiseClip | AGC
+
+#: Wrappers whose inner optimizer updates whole tensors (no flat buffer, no collective).
+_WHOLE_TENSOR_WRAPPERS = ("FP16_UnfusedOptimizer", None)
+
+
+@dataclass
+class FlatLayout:
+    """Which pieces of which parameters lie where in one flat fp32 buffer.
+
+    Attributes:
+        shapes: the shape of every parameter that has pieces in the buffers of this
+            param group / sub-group on some rank (the same list on every rank).
+        fragments: this rank's pieces (``buffer`` 0, ``tensor`` indexes ``shapes``).
+        group: the process group the buffer is partitioned over; ``None``: whole
+            tensors, no collective.
+        batch_key: layouts with equal keys in one inner step are reduced together.
+    """
+
+    shapes: list[tuple[int, ...]]
+    fragments: list[TensorFragment]
+    group: Any
+    batch_key: Any
+    plans: dict[Any, Any] = field(default_factory=dict)
+
+
+def _comm() -> Any:
+    return importlib.import_module("deepspeed.comm")
+
+
+def _hp_layout(lp_params: list[Any], group: Any, batch_key: Any) -> FlatLayout:
+    """ZeRO 1/2 and ``BF16_Optimizer``: the pieces DeepSpeed linked with ``_hp_mapping``."""
+    fragments = []
+    for index, param in enumerate(lp_params):
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            continue
+        hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+        if hp.numel > 0:
+            fragments.append(TensorFragment(0, index, int(hp.start), int(hp.numel), int(lp.start)))
+    shapes = [tuple(p.shape) for p in lp_params]
+    return FlatLayout(shapes, fragments, group, batch_key)
+
+
+def _zero3_layout(wrapper: Any, sub_group: int) -> FlatLayout:
+    """ZeRO 3: each parameter's ``ds_tensor`` partition inside the sub-group's buffer."""
+    group = wrapper.sub_group_process_groups[sub_group]
+    rank = _comm().get_rank(group=group)
+    fragments, shapes = [], []
+    for index, param in enumerate(wrapper.fp16_groups[sub_group]):
+        shapes.append(tuple(param.ds_shape))
+        size = int(param.partition_numel())
+        offset = int(wrapper.grad_position[wrapper.get_param_id(param)][1])
+        start = rank * size
+        numel = min(int(param.ds_numel) - start, size)
+        if numel > 0:
+            fragments.append(TensorFragment(0, index, offset, numel, start))
+    key = "dp" if group is wrapper.dp_process_group else ("sub_group", sub_group)
+    return FlatLayout(shapes, fragments, group, key)
+
+
+def _whole_layout(params: list[Tensor]) -> FlatLayout:
+    """Whole tensors: each buffer is one parameter (no collective)."""
+    fragments = [TensorFragment(i, i, 0, p.numel(), 0) for i, p in enumerate(params) if p.numel()]
+    return FlatLayout([tuple(p.shape) for p in params], fragments, None, None)
+
+
+def _concatenated_layout(lp_params: list[Tensor]) -> FlatLayout:
+    """``FP16_Optimizer``: the whole param group flattened into one buffer."""
+    fragments, offset = [], 0
+    for index, param in enumerate(lp_params):
+        if param.numel():
+            fragments.append(TensorFragment(0, index, offset, param.numel(), 0))
+        offset += param.numel()
+    return FlatLayout([tuple(p.shape) for p in lp_params], fragments, None, None)
+
+
+class FragmentClip:
+    """The inner optimizer's step pre-hook body for ``layer_wise`` / ``agc`` under a wrapper.
+
+    Called with the inner torch optimizer; clips the ``.grad`` of its flat fp32
+    parameters in place. Layouts are found once per buffer and cached (weakly: a
+    buffer DeepSpeed replaces, e.g. on a checkpoint load, gets a new layout).
+
+    Args:
+        wrapper: the DeepSpeed optimizer wrapper instance.
+        name: its class name (one of ``_hooks.SUPPORTED_WRAPPERS``); ``None`` for
+            whole tensors without a wrapper (ZeRO 0 in fp32).
+        clipper: the ``LayerWiseClip`` or ``AGC``.
+    """
+
+    def __init__(self, wrapper: Any, name: str | None, clipper: FragmentClipper) -> None:
+        self.wrapper = wrapper
+        self.name = name
+        self.clipper = clipper
+        self._layouts: dict[int, tuple[weakref.ref[Tensor], FlatLayout]] = {}
+        self._batch_plans: dict[tuple[int, ...], tuple[list[weakref.ref[Tensor]], Any]] = {}
+        #: Collectives issued (for tests and debugging).
+        self.collectives = 0
+
+    # ---------------------------------------------------------------- layouts
+    def _find_layout(self, flat: Tensor) -> FlatLayout:
+        wrapper, name = self.wrapper, self.name
+        if name == "DeepSpeedZeroOptimizer":
+            for i, buffer in enumerate(wrapper.single_partition_of_fp32_groups):
+                if buffer is flat:
+                    group = wrapper.real_dp_process_group[i]
+                    key = "dp" if group is wrapper.dp_process_group else ("group", i)
+                    return _hp_layout(wrapper.bit16_groups[i], group, key)
+        elif name == "BF16_Optimizer":
+            for i, buffer in enumerate(wrapper.fp32_groups_flat_partition):
+                if buffer is flat:
+                    group = wrapper.real_dp_process_group[i]
+                    key = "dp" if group is wrapper.dp_process_group else ("group", i)
+                    return _hp_layout(wrapper.bf16_groups[i], group, key)
+        elif name == "DeepSpeedZeroOptimizer_Stage3":
+            for i, buffer in enumerate(wrapper.fp32_partitioned_groups_flat):
+                if buffer is flat:
+                    return _zero3_layout(wrapper, i)
+        elif name == "FP16_Optimizer":
+            for i, buffer in enumerate(wrapper.fp32_groups_flat):
+                if buffer is flat:
+                    return _concatenated_layout(wrapper.fp16_groups[i])
+        elif name in _WHOLE_TENSOR_WRAPPERS:
+            return _whole_layout([flat])
+        raise RuntimeError(
+            f"distclip: DeepSpeed's {name} stepped a parameter of shape {tuple(flat.shape)} "
+            "that is none of its fp32 partitions, so distclip cannot tell which tensors "
+            "(rows) it holds; this layout is not the one verified for DeepSpeed 0.19"
+        )
+
+    def layout(self, flat: Tensor) -> FlatLayout:
+        """The (cached) layout of the flat fp32 buffer ``flat``."""
+        entry = self._layouts.get(id(flat))
+        if entry is not None and entry[0]() is flat:
+            return entry[1]
+        found = self._find_layout(flat)
+        self._layouts[id(flat)] = (weakref.ref(flat), found)
+        return found
+
+    # ------------------------------------------------------------------- step
+    def __call__(self, optimizer: Any) -> None:
+        """Clip the gradients of every flat buffer ``optimizer`` is about to step."""
+        flats = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.name in _WHOLE_TENSOR_WRAPPERS:
+            self.clip_batch(flats, [_whole_layout(flats)])
+            return
+        batches: dict[Any, tuple[list[Tensor], list[FlatLayout]]] = {}
+        for flat in flats:
+            layout = self.layout(flat)
+            key = layout.batch_key if layout.batch_key is not None else ("flat", id(flat))
+            entry = batches.setdefault(key, ([], []))
+            entry[0].append(flat)
+            entry[1].append(layout)
+        for batch_flats, layouts in batches.values():
+            self.clip_batch(batch_flats, layouts)
+
+    def clip_batch(self, flats: list[Tensor], layouts: list[FlatLayout]) -> None:
+        """Clip buffers that share one process group: one collective (none without a group)."""
+        plan = self._plan(flats, layouts)
+        fragments: list[TensorFragment] = plan[1]
+        grads = [flat.grad for flat in flats]
+        group = layouts[0].group if layouts else None
+        all_reduce = self._all_reduce(group) if group is not None else None
+        if isinstance(self.clipper, AGC):
+            weights = [flat.detach().reshape(-1) for flat in flats]
+            flat_grads = [None if g is None else g.reshape(-1) for g in grads]
+            self.clipper.clip_fragments_(plan[0], flat_grads, weights, all_reduce)
+        else:
+            flat_grads = [None if g is None else g.reshape(-1) for g in grads]
+            self.clipper.clip_fragments_(plan[0], fragments, flat_grads, all_reduce)
+
+    def _plan(self, flats: list[Tensor], layouts: list[FlatLayout]) -> tuple[Any, Any]:
+        """The clipper's plan of a batch of buffers (cached while the buffers live)."""
+        key = tuple(id(flat) for flat in flats)
+        cached = self._batch_plans.get(key)
+        if cached is not None and all(
+            ref() is flat for ref, flat in zip(cached[0], flats, strict=True)
+        ):
+            return cached[1]  # type: ignore[no-any-return]
+        shapes: list[tuple[int, ...]] = []
+        fragments: list[TensorFragment] = []
+        for buffer, layout in enumerate(layouts):
+            base = len(shapes)
+            shapes.extend(layout.shapes)
+            # A whole-tensor layout spans several buffers (its own ``buffer`` indexes);
+            # a flat layout is one buffer (``buffer`` 0).
+            fragments.extend(
+                f._replace(buffer=buffer + f.buffer, tensor=base + f.tensor)
+                for f in layout.fragments
+            )
+        device = flats[0].device if flats else None
+        plan = (self.clipper.fragment_plan(shapes, fragments, device), fragments)
+        self._batch_plans[key] = ([weakref.ref(flat) for flat in flats], plan)
+        return plan
+
+    def _all_reduce(self, group: Any) -> Callable[[Tensor], Tensor]:
+        dist = _comm()
+        accelerator = importlib.import_module("deepspeed.accelerator").get_accelerator()
+
+        def all_reduce(vector: Tensor) -> Tensor:
+            self.collectives += 1
+            on_device = vector.to(accelerator.current_device_name())
+            dist.all_reduce(on_device, group=group)
+            return on_device
+
+        return all_reduce
+
+
+def whole_tensor_clip(clipper: FragmentClipper) -> Callable[[list[Tensor]], None]:
+    """Clips whole parameter tensors held by this rank (ZeRO 0 in fp32): no collective.
+
+    The gradients are DeepSpeed's data-parallel averages, identical on every rank.
+    """
+    clip = FragmentClip(None, None, clipper)
+
+    def apply(params: list[Tensor]) -> None:
+        clip.clip_batch(params, [_whole_layout(params)])
+
+    return apply
