@@ -221,7 +221,10 @@ class Clipper:
         finally:
             self._defer_scale = False
         self._count(finite, clipped)
-        return self._finish_step(total_norm, threshold, coef, ~finite)
+        # torch.logical_not, not ~: a frame that names no torch global and holds no
+        # tensor is skipped by torch.compile, which then compiles this method's
+        # callees one by one (4 graphs) instead of the whole clip as one graph.
+        return self._finish_step(total_norm, threshold, coef, torch.logical_not(finite))
 
     def _finite_or_raise(self, total_norm: Tensor) -> Tensor:
         """``isfinite(total_norm)``; with ``nonfinite="error"`` raise instead (a host read)."""

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from distclip.clippers import Clipper, ClipStats
+from distclip.functional._compile import eager_only
 from distclip.functional.scaling import scale_
 
 __all__ = ["STATE_KEY", "OptimizerBinding", "SkipToken", "evaluate_closure", "uses_fused_step"]
@@ -132,6 +133,10 @@ class OptimizerBinding:
             )
         return self._state_ready
 
+    # Dynamo drops attribute writes on a torch.optim.Optimizer made in a traced frame
+    # (torch 2.13): the methods that set last_clip, found_inf or grad_scale on the
+    # optimizer run eagerly under torch.compile; clip_ itself is still compiled.
+    @eager_only(recursive=False)
     def before_step(self, optimizer: Optimizer) -> ClipStats | None:
         """Clip before the update and record ``optimizer.last_clip``.
 
@@ -149,6 +154,7 @@ class OptimizerBinding:
         optimizer.last_clip = stats  # type: ignore[attr-defined]
         return stats
 
+    @eager_only()
     def _unscale_amp_grads(self, optimizer: Optimizer) -> None:
         """Divide out a ``GradScaler``'s scale that is still in the gradients.
 
@@ -171,6 +177,7 @@ class OptimizerBinding:
         self._unscaled_from = scale
         optimizer.grad_scale = None  # type: ignore[attr-defined]
 
+    @eager_only()
     def arm_skip(self, optimizer: Optimizer, stats: ClipStats, *, can_bypass: bool) -> SkipToken:
         """Prepare the optimizer so that a NaN/inf step changes nothing.
 
@@ -224,6 +231,7 @@ class OptimizerBinding:
                     param.grad = None
         return token
 
+    @eager_only()
     def disarm_skip(self, optimizer: Optimizer, token: SkipToken) -> None:
         """Undo :meth:`arm_skip`: restore ``found_inf`` and the hidden gradients."""
         if token.set_found_inf:
