@@ -39,12 +39,21 @@ def test_norm_matches_numpy(p: float, foreach: bool | None) -> None:
     assert float(norm) == pytest.approx(norm_of(tensors, p), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [2.0, math.inf])
-def test_low_precision_gradients_accumulate_in_float32(p: float) -> None:
-    tensors = _tensors(1, torch.bfloat16)
+def test_low_precision_gradients_accumulate_in_float32(p: float, dtype: torch.dtype) -> None:
+    tensors = _tensors(1, dtype)
     norm = powsum_to_norm(local_powsum(tensors, p, device=CPU), p)
     assert norm.dtype == torch.float32
     assert float(norm) == pytest.approx(norm_of(tensors, p), rel=1e-5)
+
+
+def test_float16_gradients_whose_square_sum_overflows_float16() -> None:
+    """Each element fits in fp16 but the sum of squares (9e8) does not (max 65504)."""
+    grads = [torch.full((10_000,), 300.0, dtype=torch.float16) for _ in range(2)]
+    assert math.isinf(float((grads[0].float() ** 2).sum().half()))
+    norm = powsum_to_norm(local_powsum(grads, 2.0, device=CPU), 2.0)
+    assert float(norm) == pytest.approx(300.0 * math.sqrt(20_000), rel=1e-6)
 
 
 def test_float64_accumulation_is_exact_for_float64_inputs() -> None:
