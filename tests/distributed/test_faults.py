@@ -241,3 +241,19 @@ def test_group_still_usable_after_the_faults(group2: ProcessGroupHarness) -> Non
     except WorkerError as error:  # pragma: no cover - reported with context
         pytest.fail(f"the group did not survive the faults: {error}")
     _assert_matches_reference(per_rank, reference_run(steps=4, q=Q, window=WINDOW), 2e-6)
+
+
+def test_sharded_grad_scaler_skips_together_under_fsdp2(group2: ProcessGroupHarness) -> None:
+    """An overflow in one rank's shard: ShardedGradScaler makes both ranks skip, no hang."""
+    inf_step = 4
+    rank0, rank1 = group2.run(workers_faults.train_sharded_scaler, 10, inf_step)
+    for out in (rank0, rank1):
+        assert out["stepped"] == [step != inf_step for step in range(10)]
+        for name, tensor in out["before"]["params"].items():
+            assert torch.equal(out["after"]["params"][name], tensor), name
+        for name, tensor in out["before"]["window"].items():
+            assert torch.equal(out["after"]["window"][name], tensor), name
+        assert out["scale"][inf_step] == out["scale"][inf_step - 1] / 2
+        assert len(out["window"]) == 6
+    assert torch.equal(rank0["checksum"], rank1["checksum"])
+    assert rank0["stats"] == rank1["stats"]

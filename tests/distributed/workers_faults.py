@@ -311,3 +311,42 @@ def missing_rank(timeout_s: float) -> dict[str, Any]:
         dist.barrier()  # rank 1 waits here until rank 0 has given up
         dist.destroy_process_group(group)
     return out
+
+
+def train_sharded_scaler(steps: int, inf_step: int) -> dict[str, Any]:
+    """FSDP2 + non-fused SGD + ``ShardedGradScaler``; an inf in rank 1's shard only.
+
+    The scaler all-reduces its overflow flag, so both ranks skip ``step()`` together
+    (a rank-local ``GradScaler`` would let rank 0 step alone and wait in distclip's
+    all-reduce). Returns per-step records and parameter snapshots around the fault.
+    """
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, wrapped = _wrap({"layout": "fsdp2"})
+    optimizer = _optimizer({"q": 0.3, "window": 6}, model)
+    clipper = distclip.get_clipper(optimizer)
+    scaler = ShardedGradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+    out: dict[str, Any] = {"stepped": [], "stats": [], "scale": []}
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        x, y = batch_slice(step, rank, world)
+        scaler.scale(loss_fn(wrapped(x), y)).backward()
+        if step == inf_step and rank == 1:
+            grad = dict(model.named_parameters())["mlp.fc2.weight"].grad
+            assert grad is not None
+            _local(grad).view(-1)[0] = math.inf
+        if step == inf_step:
+            out["before"] = _snapshot(model, optimizer)
+        steps_before = clipper.num_steps
+        scaler.step(optimizer)
+        scaler.update()
+        if step == inf_step:
+            out["after"] = _snapshot(model, optimizer)
+        out["stepped"].append(clipper.num_steps > steps_before)
+        out["scale"].append(float(scaler.get_scale()))
+        if clipper.num_steps > steps_before:
+            out["stats"].append(optimizer.last_clip.as_floats())  # type: ignore[attr-defined]
+    out["checksum"] = clipper.state_checksum()
+    out["window"] = clipper.window.chronological().tolist()  # type: ignore[attr-defined]
+    return out
