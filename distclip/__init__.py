@@ -38,7 +38,7 @@ from distclip.clippers import (
     available_methods,
     make_clipper,
 )
-from distclip.errors import NonFiniteNormError, RankDesyncError
+from distclip.errors import FrameworkClippingError, NonFiniteNormError, RankDesyncError
 from distclip.integrations import (
     AutoClippedOptimizer,
     ClipHandle,
@@ -59,6 +59,7 @@ __all__ = [
     "ClippedOptimizer",
     "Clipper",
     "CoordinateWiseClip",
+    "FrameworkClippingError",
     "LayerWiseClip",
     "LinearStochAutoClip",
     "LinearStochNormClip",

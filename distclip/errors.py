@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteNormError", "RankDesyncError"]
+__all__ = ["FrameworkClippingError", "NonFiniteNormError", "RankDesyncError"]
 
 
 class NonFiniteNormError(RuntimeError):
@@ -14,3 +14,12 @@ class NonFiniteNormError(RuntimeError):
 
 class RankDesyncError(RuntimeError):
     """The clipper's state differs between ranks (found by the debug consistency check)."""
+
+
+class FrameworkClippingError(ValueError):
+    """A training framework clips the gradients before distclip measures them.
+
+    Raised when the optimizer is built or attached, or at its first step, with the
+    framework's setting and the fix in the message (for example HF
+    ``TrainingArguments(max_grad_norm=0.0)``).
+    """

@@ -183,7 +183,9 @@ class AGC(Clipper):
         Raises:
             NonFiniteNormError: as in :meth:`clip_`.
         """
-        return observe_for_fragments(self, total_norm, self.config.clip_factor)
+        return observe_for_fragments(
+            self, total_norm, self.config.clip_factor, counts_clipped=False
+        )
 
     def fragment_plan(
         self,

@@ -220,11 +220,13 @@ class Clipper:
             threshold, coef, clipped = self._apply(plan, total_norm, finite, measured)
         finally:
             self._defer_scale = False
-        self._count(finite, clipped)
+        counted = self._count(finite, clipped)
         # torch.logical_not, not ~: a frame that names no torch global and holds no
         # tensor is skipped by torch.compile, which then compiles this method's
         # callees one by one (4 graphs) instead of the whole clip as one graph.
-        return self._finish_step(total_norm, threshold, coef, torch.logical_not(finite))
+        return self._finish_step(
+            total_norm, threshold, coef, torch.logical_not(finite), clipped=counted
+        )
 
     def _finite_or_raise(self, total_norm: Tensor) -> Tensor:
         """``isfinite(total_norm)``; with ``nonfinite="error"`` raise instead (a host read)."""
@@ -291,8 +293,8 @@ class Clipper:
         total_norm = total_norm.detach().to(self.plan.device, self.plan.dtype).reshape(())
         finite = self._finite_or_raise(total_norm)
         threshold, coef, clipped, engine_threshold = self._external_threshold(total_norm, finite)
-        self._count(finite, clipped)
-        stats = self._finish_step(total_norm, threshold, coef, ~finite)
+        counted = self._count(finite, clipped)
+        stats = self._finish_step(total_norm, threshold, coef, ~finite, clipped=counted)
         self.last_stats = dataclasses.replace(stats, engine_threshold=engine_threshold)
         return self.last_stats
 
@@ -310,18 +312,30 @@ class Clipper:
         )
         return threshold, coef, total_norm > threshold, threshold
 
-    def _count(self, finite: Tensor, clipped: Tensor | None) -> None:
+    def _count(self, finite: Tensor, clipped: Tensor | None) -> Tensor | None:
+        """Update the counters; return whether this step clipped (``None``: unknown)."""
         self.num_skipped.add_((~finite).to(self.num_skipped.device, torch.long))
-        if clipped is not None:
-            self.num_clipped.add_((finite & clipped).to(self.num_clipped.device, torch.long))
+        if clipped is None:
+            return None
+        counted = finite & clipped
+        self.num_clipped.add_(counted.to(self.num_clipped.device, torch.long))
+        return counted
 
     def _finish_step(
-        self, total_norm: Tensor, threshold: Tensor, coef: Tensor, skipped: Tensor
+        self,
+        total_norm: Tensor,
+        threshold: Tensor,
+        coef: Tensor,
+        skipped: Tensor,
+        *,
+        clipped: Tensor | None = None,
     ) -> ClipStats:
         self.num_steps += 1
         if self._check_due():
             self.check_consistency()
-        self.last_stats = ClipStats(total_norm, threshold, coef, skipped, self.num_steps)
+        self.last_stats = ClipStats(
+            total_norm, threshold, coef, skipped, self.num_steps, clipped=clipped
+        )
         return self.last_stats
 
     def _check_due(self) -> bool:
@@ -484,7 +498,9 @@ class Clipper:
                 f"rank 0's at step {self.num_steps}. Every rank must compute the same global "
                 "norm: are some gradients neither replicated (DDP) nor in a layout distclip "
                 "reduces (FSDP1 with model=, FSDP2/DTensor, pipeline stages with "
-                "pipeline_groups=)?"
+                "pipeline_groups=)? Under DeepSpeed (ZeRO partitions) an optimizer cannot "
+                'clip by itself: clip in the engine with distclip.deepspeed (a "distclip" '
+                "section in the DeepSpeed config, or distclip.deepspeed.attach(engine))."
             )
 
     # ----------------------------------------------------------------- pickling

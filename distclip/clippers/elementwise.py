@@ -76,28 +76,33 @@ def _piece_powsums(
     return norms.pow(norm_type)
 
 
-def observe_for_fragments(clipper: Clipper, total_norm: Tensor, threshold: float) -> ClipStats:
+def observe_for_fragments(
+    clipper: Clipper, total_norm: Tensor, threshold: float, *, counts_clipped: bool
+) -> ClipStats:
     """Record a step whose norm an engine computed; its gradients come later, in fragments.
 
     Shared by :meth:`LayerWiseClip.observe_fragments_` and ``AGC.observe_fragments_``:
     the norm updates the counters as in :meth:`Clipper.clip_` (``num_skipped``, the
     consistency checks); ``clip_coef`` starts at 1 and ``num_clipped`` at its value
     before the step, and each later ``clip_fragments_`` of this step lowers / raises
-    them in place (the returned stats' tensors are those it updates). No host read,
+    them in place (the returned stats' tensors are those it updates; ``clipped`` only
+    with ``counts_clipped``). No host read,
     except with ``nonfinite="error"``.
     """
     total_norm = total_norm.detach().to(clipper.plan.device, clipper.plan.dtype).reshape(())
     finite = clipper._finite_or_raise(total_norm)
     clipper._count(finite, None)
     level = torch.full_like(total_norm, threshold)
-    coef = torch.ones_like(total_norm)
-    stats = clipper._finish_step(total_norm, level, coef, ~finite)
-    clipper._fragment_step = _FragmentStep(  # type: ignore[attr-defined]
+    step = _FragmentStep(
         finite=finite,
-        coef=coef,
+        coef=torch.ones_like(total_norm),
         base_clipped=clipper.num_clipped.clone(),
         clipped=torch.zeros((), dtype=torch.bool, device=finite.device),
     )
+    stats = clipper._finish_step(
+        total_norm, level, step.coef, ~finite, clipped=step.clipped if counts_clipped else None
+    )
+    clipper._fragment_step = step  # type: ignore[attr-defined]
     return stats
 
 
@@ -272,7 +277,7 @@ class LayerWiseClip(Clipper):
         Raises:
             NonFiniteNormError: as in :meth:`clip_`.
         """
-        return observe_for_fragments(self, total_norm, self.config.max_norm)
+        return observe_for_fragments(self, total_norm, self.config.max_norm, counts_clipped=True)
 
     def fragment_plan(
         self,

@@ -29,8 +29,16 @@ from torch.optim import Optimizer
 from distclip.clippers import Clipper, ClipStats
 from distclip.functional._compile import eager_only
 from distclip.functional.scaling import scale_
+from distclip.integrations.frameworks import check_framework_clipping
 
-__all__ = ["STATE_KEY", "OptimizerBinding", "SkipToken", "evaluate_closure", "uses_fused_step"]
+__all__ = [
+    "STATE_KEY",
+    "OptimizerBinding",
+    "SkipToken",
+    "adopt_stray_state",
+    "evaluate_closure",
+    "uses_fused_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +83,29 @@ def _in_dcp_state_init() -> bool:
     return False
 
 
+def adopt_stray_state(clipper: Clipper, optimizer: Optimizer) -> None:
+    """Load a clipper state that a plain optimizer holds as a stray param-group entry.
+
+    A checkpoint saved with distclip and loaded into an optimizer that distclip does
+    not clip yet (a framework resuming before :func:`distclip.attach` runs) leaves the
+    clipper's state in ``param_groups[0][STATE_KEY]``. It is validated, loaded into
+    ``clipper`` and removed from the group; nothing changes if it does not fit.
+
+    Raises:
+        TypeError, ValueError: the entry does not fit ``clipper`` (see
+            :meth:`~distclip.Clipper.validate_state_dict`).
+    """
+    groups = optimizer.param_groups
+    entry = groups[0].get(STATE_KEY) if groups else None
+    if entry is None:
+        return
+    clipper.load_state_dict(entry)
+    del groups[0][STATE_KEY]
+    logger.info(
+        "distclip: adopted the clipper state found in the optimizer (step %d)", clipper.num_steps
+    )
+
+
 @dataclass
 class SkipToken:
     """What :meth:`OptimizerBinding.arm_skip` changed, so that it can be undone."""
@@ -96,6 +127,7 @@ class OptimizerBinding:
         self.clipper = clipper
         self.signature = self._signature(optimizer)
         self._state_ready = False
+        self._framework_checked = False
         self._folded_coef: Tensor | None = None
         self._pending_load: dict[str, Any] | None = None
         self._armed: SkipToken | None = None
@@ -145,6 +177,9 @@ class OptimizerBinding:
         """
         if _in_dcp_state_init():
             return None
+        if self.clipper.num_steps == 0 and not self._framework_checked:
+            check_framework_clipping(self.clipper.method)
+            self._framework_checked = True
         self.refresh_params(optimizer)
         self._unscale_amp_grads(optimizer)
         # A fused optimizer applies the clip factor in its own pass (grad_scale).

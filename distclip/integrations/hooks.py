@@ -13,12 +13,14 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from distclip.clippers import Clipper, make_clipper
-from distclip.integrations.binding import OptimizerBinding, evaluate_closure
+from distclip.integrations.binding import OptimizerBinding, adopt_stray_state, evaluate_closure
+from distclip.integrations.frameworks import check_framework_clipping
 from distclip.integrations.optimizer import (
     ClippedOptimizerMixin,
     check_param_groups,
     check_state_dict_type,
 )
+from distclip.integrations.wrappers import describe_chain, unwrap, wrapper_chain
 
 __all__ = ["ClipHandle", "attach", "get_clipper"]
 
@@ -72,7 +74,7 @@ def _replace_closure(
 
 
 def attach(
-    optimizer: Optimizer,
+    optimizer: Any,
     method: str = "autoclip",
     *,
     model: torch.nn.Module | None = None,
@@ -88,8 +90,14 @@ def attach(
     Hooks are not pickled with an optimizer (torch's rule): attach again after
     unpickling, or use :func:`distclip.ClippedOptimizer`.
 
+    A clipper state already in ``optimizer.param_groups[0]["distclip"]`` (a
+    checkpoint saved with distclip and loaded into the plain optimizer before this
+    call, as a framework resuming a run does) is adopted: validated, loaded into the
+    new clipper and removed from the param group.
+
     Args:
-        optimizer: an existing ``torch.optim.Optimizer``.
+        optimizer: an existing ``torch.optim.Optimizer``, or a framework's wrapper
+            around one that exposes it as ``.optimizer`` (Accelerate, Lightning).
         method: a method name, as in :func:`distclip.ClippedOptimizer`.
         model: the FSDP1 root module when FSDP1 manages the parameters.
         pipeline_groups: process group(s) summing the pipeline stages' norms.
@@ -99,16 +107,17 @@ def attach(
         A :class:`ClipHandle`; ``handle.remove()`` detaches.
 
     Raises:
-        TypeError: ``optimizer`` is not an optimizer; ``method`` is not a string; an
-            unknown option or one of the wrong type.
+        TypeError: ``optimizer`` is not an optimizer (nor a wrapper of one), or is a
+            DeepSpeed one (use :mod:`distclip.deepspeed`); ``method`` is not a string;
+            an unknown option or one of the wrong type.
         ValueError: a clipper is already attached; an unknown method or an option out
-            of range; no parameter requires grad, or one is on the meta device.
+            of range; no parameter requires grad, or one is on the meta device; a
+            stray clipper state that does not fit.
+        FrameworkClippingError: a training framework on the call stack clips the
+            gradients itself (see :mod:`distclip.integrations.frameworks`).
             Nothing is attached when it raises.
     """
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
+    optimizer = unwrap(optimizer)
     if isinstance(optimizer, ClippedOptimizerMixin):
         raise ValueError(
             f"this optimizer ({type(optimizer).__name__}) already clips its gradients: it "
@@ -124,6 +133,8 @@ def attach(
     clipper = make_clipper(
         method, optimizer.param_groups, model=model, pipeline_groups=pipeline_groups, **options
     )
+    check_framework_clipping(clipper.method)
+    adopt_stray_state(clipper, optimizer)
     binding = OptimizerBinding(clipper, optimizer)
 
     def pre_step(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -163,19 +174,25 @@ def attach(
     return ClipHandle(optimizer, binding, hooks)
 
 
-def get_clipper(optimizer: Optimizer) -> Clipper:
+def get_clipper(optimizer: Any) -> Clipper:
     """The clipper of ``optimizer`` (made by :func:`ClippedOptimizer` or :func:`attach`).
 
-    Typed access for code that holds the optimizer as a plain ``torch.optim.Optimizer``:
-    ``distclip.get_clipper(opt).last_stats`` is ``opt.last_clip``.
+    Typed access for code that holds the optimizer as a plain ``torch.optim.Optimizer``,
+    or as a framework's wrapper around it (anything exposing the real optimizer as
+    ``.optimizer``: Accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``): ``distclip.get_clipper(opt).last_stats`` is the
+    ``last_clip`` of the optimizer that clips.
 
     Raises:
-        ValueError: ``optimizer`` does not clip with distclip.
+        ValueError: no optimizer along the wrapper chain clips with distclip.
     """
-    binding = getattr(optimizer, "_distclip", None)
-    if not isinstance(binding, OptimizerBinding):
-        raise ValueError(
-            f"{type(optimizer).__name__} does not clip with distclip; build it with "
-            "distclip.ClippedOptimizer(...) or call distclip.attach(optimizer) first"
-        )
-    return binding.clipper
+    chain = wrapper_chain(optimizer)
+    for obj in chain:
+        binding = getattr(obj, "__dict__", {}).get("_distclip")
+        if isinstance(binding, OptimizerBinding):
+            return binding.clipper
+    raise ValueError(
+        f"{describe_chain(chain)} does not clip with distclip; build it with "
+        "distclip.ClippedOptimizer(...) or call distclip.attach(optimizer) first (a "
+        "DeepSpeed engine: distclip.deepspeed.get_adapter(engine).clipper)"
+    )

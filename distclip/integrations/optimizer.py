@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from distclip.clippers import ClipConfig, Clipper, ClipStats, resolve_method
 from distclip.integrations.binding import OptimizerBinding, evaluate_closure
+from distclip.integrations.frameworks import check_framework_clipping
 
 __all__ = [
     "AutoClippedOptimizer",
@@ -112,6 +113,7 @@ class ClippedOptimizerMixin:
         clipper = self._distclip_clipper_cls.from_config(
             self.param_groups, self._distclip_config, model=model, pipeline_groups=pipeline_groups
         )
+        check_framework_clipping(clipper.method)
         self._distclip = OptimizerBinding(clipper, self)  # type: ignore[arg-type]
         self.last_clip = None
 

@@ -522,7 +522,8 @@ TABLE: list[Bad] = [
         "none",
         lambda _: distclip.attach(_model()),  # type: ignore[arg-type]
         TypeError,
-        r"^optimizer must be a torch\.optim\.Optimizer, got Sequential$",
+        r"^optimizer must be a torch\.optim\.Optimizer or a wrapper exposing one as \.optimizer, "
+        r"got Sequential$",
     ),
     Bad(
         "attach-twice",
