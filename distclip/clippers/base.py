@@ -28,7 +28,7 @@ from torch import Tensor
 from distclip.clippers.config import ClipConfig
 from distclip.clippers.stats import ClipStats
 from distclip.errors import NonFiniteNormError, RankDesyncError
-from distclip.functional import clip_coefficient, scale_, skip_aware_coefficient
+from distclip.functional import clip_coefficient, scale_
 from distclip.reduction import ReductionPlan, all_gather_tensor, is_distributed, wait_for_ranks
 from distclip.window import COUNT_DTYPES
 
@@ -170,6 +170,8 @@ class Clipper:
         plan = self.plan  # built now: an unsupported layout is refused at construction
         self.num_skipped = torch.zeros((), dtype=torch.long, device=plan.device)
         self.num_clipped = torch.zeros((), dtype=torch.long, device=plan.device)
+        #: 1 in the norms' dtype: the factor of a skipped step (made once, not per step).
+        self._one = torch.ones((), dtype=plan.dtype, device=plan.device)
         self._init_state(plan)
 
     # ------------------------------------------------------------------ params
@@ -214,23 +216,26 @@ class Clipper:
         plan = self.plan
         total_norm, measured = self._measure(plan)
         finite = self._finite_or_raise(total_norm)
+        # torch.logical_not, not ~: a frame that names no torch global and holds no
+        # tensor is skipped by torch.compile, which then compiles this method's
+        # callees one by one (4 graphs) instead of the whole clip as one graph.
+        skipped = torch.logical_not(finite)
         self.deferred_coef = None
         self._defer_scale = defer_scale
         try:
             threshold, coef, clipped = self._apply(plan, total_norm, finite, measured)
         finally:
             self._defer_scale = False
-        counted = self._count(finite, clipped)
-        # torch.logical_not, not ~: a frame that names no torch global and holds no
-        # tensor is skipped by torch.compile, which then compiles this method's
-        # callees one by one (4 graphs) instead of the whole clip as one graph.
-        return self._finish_step(
-            total_norm, threshold, coef, torch.logical_not(finite), clipped=counted
-        )
+        self._count(skipped, clipped)
+        return self._finish_step(total_norm, threshold, coef, skipped, clipped=clipped)
 
     def _finite_or_raise(self, total_norm: Tensor) -> Tensor:
-        """``isfinite(total_norm)``; with ``nonfinite="error"`` raise instead (a host read)."""
-        finite = torch.isfinite(total_norm)
+        """Whether the (non-negative) norm is finite; with ``nonfinite="error"`` raise instead.
+
+        ``total_norm < inf`` is false for NaN and inf alike: one op, where
+        ``torch.isfinite`` takes four. Raising needs a host read.
+        """
+        finite = total_norm < float("inf")
         if self.config.nonfinite == "error" and not bool(finite):
             raise NonFiniteNormError(
                 f"the global gradient norm is {float(total_norm)} at step "
@@ -248,16 +253,25 @@ class Clipper:
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Clip the gradients; return ``(threshold, clip_coef, clipped)`` as 0-dim tensors.
 
-        ``clipped`` (bool, the same on every rank) feeds ``num_clipped``; ``None`` where
-        the method cannot say without extra communication. The default scales every
-        gradient by ``min(1, threshold / (total_norm + eps))`` (1 on a skipped step).
+        ``clipped`` (bool, the same on every rank, false on a skipped step) feeds
+        ``num_clipped``; ``None`` where the method cannot say without extra
+        communication. The default scales every gradient by
+        ``min(1, threshold / (total_norm + eps))`` (1 on a skipped step).
         """
         threshold = self._threshold(total_norm, finite)
-        coef = skip_aware_coefficient(
-            clip_coefficient(threshold, total_norm, self.config.eps), finite
-        )
+        coef, clipped = self._global_factor(threshold, total_norm, finite)
         self._scale(plan, coef)
-        return threshold, coef, total_norm > threshold
+        return threshold, coef, clipped
+
+    def _global_factor(
+        self, threshold: Tensor, total_norm: Tensor, finite: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(clip_coef, clipped)`` of the rule ``min(1, threshold / (total_norm + eps))``.
+
+        On a skipped step (``finite`` false) the factor is 1 and ``clipped`` false.
+        """
+        coef = clip_coefficient(threshold, total_norm, self.config.eps)
+        return torch.where(finite, coef, self._one), (total_norm > threshold) & finite
 
     def _scale(self, plan: ReductionPlan, coef: Tensor) -> None:
         """Multiply every local gradient by the 0-dim ``coef`` (or defer it: see :meth:`clip_`)."""
@@ -292,9 +306,10 @@ class Clipper:
             )
         total_norm = total_norm.detach().to(self.plan.device, self.plan.dtype).reshape(())
         finite = self._finite_or_raise(total_norm)
+        skipped = torch.logical_not(finite)
         threshold, coef, clipped, engine_threshold = self._external_threshold(total_norm, finite)
-        counted = self._count(finite, clipped)
-        stats = self._finish_step(total_norm, threshold, coef, ~finite, clipped=counted)
+        self._count(skipped, clipped)
+        stats = self._finish_step(total_norm, threshold, coef, skipped, clipped=clipped)
         self.last_stats = dataclasses.replace(stats, engine_threshold=engine_threshold)
         return self.last_stats
 
@@ -307,19 +322,14 @@ class Clipper:
         ``min(1, t / (n + eps))`` must use as ``t``.
         """
         threshold = self._threshold(total_norm, finite)
-        coef = skip_aware_coefficient(
-            clip_coefficient(threshold, total_norm, self.config.eps), finite
-        )
-        return threshold, coef, total_norm > threshold, threshold
+        coef, clipped = self._global_factor(threshold, total_norm, finite)
+        return threshold, coef, clipped, threshold
 
-    def _count(self, finite: Tensor, clipped: Tensor | None) -> Tensor | None:
-        """Update the counters; return whether this step clipped (``None``: unknown)."""
-        self.num_skipped.add_((~finite).to(self.num_skipped.device, torch.long))
-        if clipped is None:
-            return None
-        counted = finite & clipped
-        self.num_clipped.add_(counted.to(self.num_clipped.device, torch.long))
-        return counted
+    def _count(self, skipped: Tensor, clipped: Tensor | None) -> None:
+        """Add this step to ``num_skipped`` and (where known) ``num_clipped``."""
+        self.num_skipped.add_(skipped.to(self.num_skipped.device))
+        if clipped is not None:
+            self.num_clipped.add_(clipped.to(self.num_clipped.device))
 
     def _finish_step(
         self,

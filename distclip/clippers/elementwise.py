@@ -91,7 +91,8 @@ def observe_for_fragments(
     """
     total_norm = total_norm.detach().to(clipper.plan.device, clipper.plan.dtype).reshape(())
     finite = clipper._finite_or_raise(total_norm)
-    clipper._count(finite, None)
+    skipped = torch.logical_not(finite)
+    clipper._count(skipped, None)
     level = torch.full_like(total_norm, threshold)
     step = _FragmentStep(
         finite=finite,
@@ -100,7 +101,7 @@ def observe_for_fragments(
         clipped=torch.zeros((), dtype=torch.bool, device=finite.device),
     )
     stats = clipper._finish_step(
-        total_norm, level, step.coef, ~finite, clipped=step.clipped if counts_clipped else None
+        total_norm, level, step.coef, skipped, clipped=step.clipped if counts_clipped else None
     )
     clipper._fragment_step = step  # type: ignore[attr-defined]
     return stats
@@ -191,9 +192,10 @@ class ValueClip(Clipper):
         """
         total_norm = total_norm.detach().to(self.plan.device, self.plan.dtype).reshape(())
         finite = self._finite_or_raise(total_norm)
-        self._count(finite, None)
+        skipped = torch.logical_not(finite)
+        self._count(skipped, None)
         threshold = torch.full_like(total_norm, self.config.clip_value)
-        return self._finish_step(total_norm, threshold, torch.ones_like(total_norm), ~finite)
+        return self._finish_step(total_norm, threshold, torch.ones_like(total_norm), skipped)
 
     @torch.no_grad()
     def clamp_(self, grads: Iterable[Tensor]) -> None:

@@ -6,12 +6,18 @@ No ``torch.distributed``, no state, no host synchronisation.
 from distclip.functional.norms import (
     accumulation_dtype,
     combine_powsums,
+    local_norm,
     local_powsum,
     powsum_to_norm,
     tensor_powsums,
     validate_norm_type,
 )
-from distclip.functional.quantile import prefix_quantile
+from distclip.functional.quantile import (
+    QuantileTable,
+    prefix_quantile,
+    quantile_table,
+    sorted_prefix_quantile,
+)
 from distclip.functional.random import step_uniform
 from distclip.functional.scaling import (
     DEFAULT_EPS,
@@ -22,14 +28,18 @@ from distclip.functional.scaling import (
 
 __all__ = [
     "DEFAULT_EPS",
+    "QuantileTable",
     "accumulation_dtype",
     "clip_coefficient",
     "combine_powsums",
+    "local_norm",
     "local_powsum",
     "powsum_to_norm",
     "prefix_quantile",
+    "quantile_table",
     "scale_",
     "skip_aware_coefficient",
+    "sorted_prefix_quantile",
     "step_uniform",
     "tensor_powsums",
     "validate_norm_type",

@@ -28,6 +28,7 @@ from distclip.functional._grouping import (
 __all__ = [
     "accumulation_dtype",
     "combine_powsums",
+    "local_norm",
     "local_powsum",
     "powsum_to_norm",
     "tensor_powsums",
@@ -74,7 +75,7 @@ def _norms(
     foreach: bool | None,
 ) -> Tensor:
     """Per-tensor norms of one (device, dtype) group, accumulated in ``dtype`` or wider."""
-    acc = torch.promote_types(dtype, group[0].dtype) if group[0].is_floating_point() else dtype
+    acc = accumulation_dtype([dtype, group[0].dtype])
     if use_foreach(device, foreach):
         return torch.stack(list(torch._foreach_norm(group, norm_type, dtype=acc)))
     return torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group])
@@ -109,6 +110,32 @@ def local_powsum(
     return combine_powsums(parts, norm_type)
 
 
+def local_norm(
+    tensors: Sequence[Tensor],
+    norm_type: float,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    foreach: bool | None = None,
+) -> Tensor:
+    """The ``norm_type``-norm of ``tensors`` on this process alone, as a 0-dim tensor.
+
+    ``powsum_to_norm(local_powsum(...))``, for a norm nobody reduces further: with one
+    (device, dtype) group it is the norm of the per-tensor norms (one op fewer than a
+    power sum and a root), as ``torch.nn.utils.get_total_norm`` computes it.
+    """
+    nonempty = [t for t in tensors if t.numel() > 0]
+    groups = group_by_device_and_dtype(nonempty)
+    if len(groups) == 1:
+        group_device, group = groups[0]
+        norms = _norms(group, group_device, norm_type, dtype, foreach)
+        norm: Tensor = torch.linalg.vector_norm(norms, norm_type)
+        return norm.to(device, dtype)
+    return powsum_to_norm(
+        local_powsum(nonempty, norm_type, device=device, dtype=dtype, foreach=foreach), norm_type
+    )
+
+
 def tensor_powsums(
     tensors: Sequence[Tensor],
     norm_type: float,
@@ -120,19 +147,32 @@ def tensor_powsums(
     """Each tensor's own power sum ``||t_i||_p ** p`` (``max |t_i|`` for inf), as a 1-D tensor.
 
     Entry i belongs to ``tensors[i]``; an empty tensor gives 0. Norms come from one
-    ``torch._foreach_norm`` per (device, dtype) group, accumulated in ``dtype``.
+    ``torch._foreach_norm`` per (device, dtype) group, accumulated in ``dtype``, and are
+    put in order by one ``torch.stack`` (no index tensor is made from host data).
     No host synchronisation.
     """
-    out = torch.zeros(len(tensors), device=device, dtype=dtype)
+    entries: list[Tensor | None] = [None] * len(tensors)
     nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
     chosen = [tensors[i] for i in nonempty]
-    for group_device, group, indices in group_indices_by_device_and_dtype(chosen):
-        norms = _norms(group, group_device, norm_type, dtype, foreach)
-        if not (math.isinf(norm_type) or norm_type == 1.0):
-            norms = norms.pow(norm_type)
-        positions = torch.tensor([nonempty[i] for i in indices], device=device)
-        out.index_copy_(0, positions, norms.to(device, dtype))
-    return out
+    groups = group_indices_by_device_and_dtype(chosen)
+    stacked: Tensor | None = None
+    for group_device, group, indices in groups:
+        norms = _norms(group, group_device, norm_type, dtype, foreach).to(device, dtype)
+        if len(groups) == 1 and len(indices) == len(tensors):  # all of them, in order
+            stacked = norms
+            break
+        for position, norm in zip(indices, norms.unbind(0), strict=True):
+            entries[nonempty[position]] = norm
+    if stacked is None:
+        if not entries:
+            return torch.zeros(0, device=device, dtype=dtype)
+        zero: Tensor | None = None
+        if any(entry is None for entry in entries):
+            zero = torch.zeros((), device=device, dtype=dtype)
+        stacked = torch.stack([zero if entry is None else entry for entry in entries])  # type: ignore[misc]
+    if math.isinf(norm_type) or norm_type == 1.0:
+        return stacked
+    return stacked.pow(norm_type)
 
 
 def combine_powsums(powsums: Sequence[Tensor], norm_type: float) -> Tensor:

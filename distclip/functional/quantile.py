@@ -1,19 +1,71 @@
-"""Quantile of the valid prefix of a fixed-size buffer, computed on the device.
+"""Quantiles of the valid prefix of a fixed-size buffer, computed on the device.
 
 The window of past norms is a fixed-size buffer of which only the first ``num_valid``
 entries hold data until it has filled once. Its quantile must not depend on the host
-knowing ``num_valid`` (that would be a synchronisation), so invalid entries are sorted
-to the end as ``+inf`` and the interpolation indices are computed as tensors.
-The result is the same number ``torch.quantile(values[:num_valid], q)`` gives
-(linear interpolation), bit for bit.
+knowing ``num_valid`` (that would be a synchronisation), so invalid entries sort to the
+end as ``+inf`` and the interpolation is looked up, by ``num_valid``, in a
+:class:`QuantileTable` made once on the device. The result is the number
+``torch.quantile(values[:num_valid], q)`` gives (linear interpolation), bit for bit:
+the table holds the ranks exactly as ``torch.quantile`` computes them.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-__all__ = ["prefix_quantile"]
+__all__ = ["QuantileTable", "prefix_quantile", "quantile_table", "sorted_prefix_quantile"]
+
+
+class QuantileTable(NamedTuple):
+    """Where the q-quantile of ``n`` sorted values lies, for every ``n`` in ``[0, size]``.
+
+    Row ``n`` of ``neighbours`` holds the two positions ``(floor(r), ceil(r))`` of
+    ``r = q * (n - 1)`` (``(0, 0)`` for ``n = 0``), and ``weights[n, 0]`` is
+    ``r - floor(r)``, both computed in the values' dtype as ``torch.quantile`` computes
+    them.
+    """
+
+    neighbours: Tensor
+    weights: Tensor
+
+
+def quantile_table(
+    size: int, q: float, *, dtype: torch.dtype, device: torch.device | str
+) -> QuantileTable:
+    """The :class:`QuantileTable` of quantile ``q`` for buffers of ``size`` entries.
+
+    Made with device ops (no copy from the host), once per buffer and ``q``.
+    """
+    counts = torch.arange(size + 1, device=device)
+    last = (counts - 1).clamp(min=0).to(dtype)
+    ranks = torch.full((), q, dtype=dtype, device=device) * last
+    below = ranks.to(torch.long)
+    above = ranks.ceil().to(torch.long)
+    weights = (ranks - below.to(dtype)).unsqueeze(1)
+    return QuantileTable(torch.stack((below, above), dim=1), weights)
+
+
+def sorted_prefix_quantile(
+    sorted_values: Tensor, num_valid: Tensor, table: QuantileTable
+) -> Tensor:
+    """The quantile of ``table`` of the ``num_valid`` smallest entries of ``sorted_values``.
+
+    ``sorted_values`` is 1-D, ascending, with its invalid entries ``+inf`` (so they
+    sort last); ``num_valid`` a 0-dim integer tensor in ``[0, len(table.weights) - 1]``.
+    With no valid entry the result is ``+inf``. Five ops and three views, on 0-dim and
+    2-element tensors; no host synchronisation, no data-dependent shape.
+    """
+    # embedding of a 0-dim index: a row lookup that torch.compile traces (no .item()).
+    neighbours = torch.embedding(table.neighbours, num_valid)
+    below, above = sorted_values.gather(0, neighbours).unbind()
+    weight = torch.embedding(table.weights, num_valid).reshape(())
+    result = torch.lerp(below, above, weight)
+    # Only an empty prefix interpolates between two +inf (inf - inf = NaN): no threshold.
+    inf = float("inf")
+    return result.nan_to_num(nan=inf, posinf=inf, neginf=-inf)
 
 
 def prefix_quantile(values: Tensor, num_valid: Tensor, q: float) -> Tensor:
@@ -24,19 +76,12 @@ def prefix_quantile(values: Tensor, num_valid: Tensor, q: float) -> Tensor:
     ``hi = ceil(pos)``, the result is ``lerp(s[lo], s[hi], pos - lo)`` where ``s`` is
     the sorted valid prefix, exactly as ``torch.quantile`` computes it. With no valid
     entry the result is ``+inf`` (no finite threshold exists yet).
-    Cost: one sort of ``len(values)`` elements; no host synchronisation.
+    Cost: one sort of ``len(values)`` elements and a new :class:`QuantileTable` (a
+    caller that asks every step keeps the table, as :class:`~distclip.window.NormWindow`
+    does); no host synchronisation.
     """
     size = values.shape[0]
-    positions = torch.arange(size, device=values.device)
-    valid = positions < num_valid
-    inf = torch.full((), float("inf"), dtype=values.dtype, device=values.device)
-    sorted_values = torch.where(valid, values, inf).sort().values
-    last = (num_valid - 1).clamp(min=0).to(values.dtype)
-    rank = torch.full((), q, dtype=values.dtype, device=values.device) * last
-    below = rank.to(torch.long)
-    above = rank.ceil().to(torch.long)
-    value_below = sorted_values.gather(0, below.reshape(1))
-    value_above = sorted_values.gather(0, above.reshape(1))
-    weight = (rank - below.to(values.dtype)).reshape(1)
-    result = torch.lerp(value_below, value_above, weight).reshape(())
-    return torch.where(num_valid > 0, result, inf)
+    valid = torch.arange(size, device=values.device) < num_valid
+    masked = torch.where(valid, values, float("inf"))
+    table = quantile_table(size, q, dtype=values.dtype, device=values.device)
+    return sorted_prefix_quantile(masked.sort().values, num_valid, table)

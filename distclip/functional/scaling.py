@@ -27,7 +27,7 @@ def clip_coefficient(threshold: Tensor, total_norm: Tensor, eps: float = DEFAULT
 
 def skip_aware_coefficient(coef: Tensor, finite: Tensor) -> Tensor:
     """``coef`` where the norm is finite, else 1 (a skipped step leaves gradients alone)."""
-    return torch.where(finite, coef, torch.ones_like(coef))
+    return torch.where(finite, coef, 1.0)
 
 
 def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = None) -> None:

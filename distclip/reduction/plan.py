@@ -23,6 +23,7 @@ from torch import Tensor
 from distclip.functional import (
     accumulation_dtype,
     combine_powsums,
+    local_norm,
     local_powsum,
     powsum_to_norm,
     tensor_powsums,
@@ -100,10 +101,20 @@ class ReductionPlan:
         self.device = device
         self.dtype = dtype
         self.pipeline_groups = tuple(pipeline_groups)
-        #: Which entries of :meth:`per_tensor_powsums` enter the global norm.
-        self.total_mask = torch.tensor(
-            [not tied for g in self.groups for tied in g.shared], dtype=torch.bool, device=device
-        )
+        self._shared = [tied for g in self.groups for tied in g.shared]
+        self._total_mask: Tensor | None = None
+
+    @property
+    def total_mask(self) -> Tensor:
+        """Which entries of :meth:`per_tensor_powsums` enter the global norm (bool, 1-D).
+
+        Made on the device at the first use (a copy from the host, once per plan).
+        """
+        if self._total_mask is None:
+            self._total_mask = torch.tensor(
+                [not tied for tied in self._shared], dtype=torch.bool, device=self.device
+            )
+        return self._total_mask
 
     @classmethod
     def build(
@@ -165,6 +176,14 @@ class ReductionPlan:
         One local power sum per group, one all-reduce per distinct process group,
         the replicated group added once, pipeline groups summed, one root.
         """
+        if len(self.groups) == 1 and self.num_collectives == 0:  # nothing to combine
+            return local_norm(
+                self.groups[0].counted_grads(),
+                norm_type,
+                device=self.device,
+                dtype=self.dtype,
+                foreach=foreach,
+            )
         powsums: list[Tensor] = []
         for group in self.groups:
             local = local_powsum(
@@ -219,7 +238,9 @@ class ReductionPlan:
 
     def total_from_powsums(self, powsums: Tensor, norm_type: float) -> Tensor:
         """The global norm from :meth:`per_tensor_powsums` (pipeline groups summed)."""
-        counted = torch.where(self.total_mask, powsums, torch.zeros_like(powsums))
+        counted = powsums
+        if any(self._shared):  # tied copies have their own norm but no part in the total
+            counted = torch.where(self.total_mask, powsums, 0.0)
         if counted.numel() == 0:
             total = torch.zeros((), device=self.device, dtype=self.dtype)
         else:
