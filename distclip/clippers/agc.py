@@ -20,7 +20,7 @@ from distclip.clippers.elementwise import (
     record_fragments,
 )
 from distclip.clippers.stats import ClipStats
-from distclip.functional import powsum_to_norm
+from distclip.functional import accumulation_dtype, powsum_to_norm, scale_each_, tensor_powsums
 from distclip.reduction import ReductionPlan, is_dtensor, local_tensor
 
 __all__ = ["AGC", "AGCConfig", "RowPlan"]
@@ -55,6 +55,25 @@ def _splits_only_rows(param: Tensor) -> bool:
         if not placement.is_replicate() and getattr(placement, "dim", None) != 0:
             return False
     return True
+
+
+def _by_width(rows: list[tuple[Tensor, Tensor]]) -> list[list[tuple[Tensor, Tensor]]]:
+    """Group (rows, width) views by (device, dtype, width): each group is one matrix."""
+    groups: dict[tuple[torch.device, torch.dtype, int, torch.dtype], list[tuple[Tensor, Tensor]]]
+    groups = {}
+    for grad, weight in rows:
+        key = (grad.device, grad.dtype, grad.shape[1], weight.dtype)
+        groups.setdefault(key, []).append((grad, weight))
+    return list(groups.values())
+
+
+def _agc_factor(
+    grad_norm: Tensor, weight_norm: Tensor, lam: float, eps: float, finite: Tensor
+) -> Tensor:
+    """Each unit's factor ``min(1, lam * max(||W||, eps) / ||G||)``; 1 on a skipped step."""
+    allowed = weight_norm.clamp(min=eps) * lam
+    factor = torch.where(grad_norm > allowed, allowed / grad_norm.clamp(min=_GRAD_FLOOR), 1.0)
+    return torch.where(finite.to(factor.device), factor, 1.0)
 
 
 class RowPlan(NamedTuple):
@@ -98,6 +117,7 @@ class AGC(Clipper):
 
     def _init_state(self, plan: ReductionPlan) -> None:
         self._checked_plan: ReductionPlan | None = None
+        self._positions: dict[tuple[int, ...], Tensor] = {}
         self._check_layout(plan)
 
     def _check_layout(self, plan: ReductionPlan) -> None:
@@ -126,47 +146,76 @@ class AGC(Clipper):
             for param in group.params
         )
         self._checked_plan = plan
+        self._positions = {}
 
     def _apply(
         self, plan: ReductionPlan, total_norm: Tensor, finite: Tensor, measured: Any
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         self._check_layout(plan)
         lam, eps = self.config.clip_factor, self.config.eps
-        vector_norms: tuple[Tensor, Tensor] | None = None
-        if self._reduce_vectors:
-            vector_norms = (
-                powsum_to_norm(plan.per_tensor_powsums(2.0, of="grad"), 2.0),
-                powsum_to_norm(plan.per_tensor_powsums(2.0, of="param"), 2.0),
-            )
-        smallest = torch.ones((), device=total_norm.device, dtype=total_norm.dtype)
+        rows: list[tuple[Tensor, Tensor]] = []  # (grad, weight) as (rows, width) views
+        whole: list[tuple[int, Tensor, Tensor]] = []  # (index in plan.params, grad, weight)
         for index, param in enumerate(plan.params):
             if param.grad is None:
                 continue
-            grad, weight = local_tensor(param.grad), local_tensor(param.detach())
+            # The parameter itself, not .detach(): under no_grad nothing is recorded, and
+            # a detach per tensor is an op per tensor.
+            grad, weight = local_tensor(param.grad), local_tensor(param)
             if grad.numel() == 0:
                 continue
-            acc = torch.promote_types(torch.float32, grad.dtype)
-            if grad.dim() >= 2:
-                grad_norm = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=acc)
-                weight_norm = torch.linalg.vector_norm(weight.flatten(1), dim=1, dtype=acc)
-                shape = (-1,) + (1,) * (grad.dim() - 1)
-            elif vector_norms is not None:
-                grad_norm = vector_norms[0][index].to(grad.device, acc)
-                weight_norm = vector_norms[1][index].to(grad.device, acc)
-                shape = ()
+            if grad.dim() > 2:
+                rows.append((grad.flatten(1), weight.flatten(1)))
+            elif grad.dim() == 2:
+                rows.append((grad, weight))
             else:
-                grad_norm = torch.linalg.vector_norm(grad, dtype=acc)
-                weight_norm = torch.linalg.vector_norm(weight, dtype=acc)
-                shape = ()
-            allowed = weight_norm.clamp(min=eps) * lam
-            factor = torch.where(
-                grad_norm > allowed, allowed / grad_norm.clamp(min=_GRAD_FLOOR), 1.0
+                whole.append((index, grad, weight))
+        acc = plan.dtype
+        smallest: list[Tensor] = []
+        for group in _by_width(rows):
+            grads = [g for g, _ in group]
+            dtype = accumulation_dtype([acc, grads[0].dtype])
+            grad_norm = torch.linalg.vector_norm(torch.cat(grads), dim=1, dtype=dtype)
+            weights = torch.cat([w for _, w in group])
+            weight_norm = torch.linalg.vector_norm(weights, dim=1, dtype=dtype)
+            factor = _agc_factor(grad_norm, weight_norm, lam, eps, finite)
+            splits = factor.to(grads[0].dtype).unsqueeze(1).split([g.shape[0] for g in grads])
+            scale_each_(grads, list(splits), foreach=self.config.foreach)
+            smallest.append(factor.amin())
+        if whole:
+            if self._reduce_vectors:  # vectors split across ranks: their norms are reduced
+                grad_norm = powsum_to_norm(plan.per_tensor_powsums(2.0, of="grad"), 2.0)
+                weight_norm = powsum_to_norm(plan.per_tensor_powsums(2.0, of="param"), 2.0)
+                chosen = self._vector_positions(plan, [i for i, _, _ in whole], grad_norm.device)
+                grad_norm, weight_norm = grad_norm[chosen], weight_norm[chosen]
+            else:
+                grad_norm, weight_norm = (
+                    powsum_to_norm(
+                        tensor_powsums(
+                            tensors, 2.0, device=plan.device, dtype=acc, foreach=self.config.foreach
+                        ),
+                        2.0,
+                    )
+                    for tensors in ([g for _, g, _ in whole], [w for _, _, w in whole])
+                )
+            factor = _agc_factor(grad_norm, weight_norm, lam, eps, finite)
+            scale_each_(
+                [g for _, g, _ in whole], list(factor.unbind(0)), foreach=self.config.foreach
             )
-            factor = torch.where(finite.to(factor.device), factor, 1.0)
-            grad.mul_(factor.reshape(shape).to(grad.dtype))
-            smallest = torch.minimum(smallest, factor.amin().to(smallest.device, smallest.dtype))
+            smallest.append(factor.amin())
         threshold = torch.full_like(total_norm, lam)
-        return threshold, smallest.to(total_norm.dtype), None
+        if not smallest:
+            return threshold, self._one, None
+        least = smallest[0] if len(smallest) == 1 else torch.stack(smallest).amin()
+        return threshold, least.to(total_norm.dtype), None
+
+    def _vector_positions(self, plan: ReductionPlan, indices: list[int], device: Any) -> Tensor:
+        """The positions of the vector parameters in ``plan.params`` (an index made once)."""
+        key = tuple(indices)
+        cached = self._positions.get(key)
+        if cached is None:
+            cached = torch.tensor(indices, dtype=torch.long, device=device)
+            self._positions[key] = cached
+        return cached
 
     # ------------------------------------------------ engines with flat partitions
     @torch.no_grad()

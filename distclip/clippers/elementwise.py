@@ -13,7 +13,8 @@ from torch import Tensor
 from distclip.clippers.base import Clipper
 from distclip.clippers.config import ClipConfig, check_positive_finite
 from distclip.clippers.stats import ClipStats
-from distclip.functional import powsum_to_norm
+from distclip.functional import powsum_to_norm, scale_each_
+from distclip.functional._grouping import group_by_device_and_dtype, use_foreach
 from distclip.reduction import ReductionPlan, local_tensor
 
 __all__ = [
@@ -150,7 +151,9 @@ class ValueClip(Clipper):
 
     The clamp is local: it needs no communication. The global norm is still reduced
     (one scalar) for ``last_clip.total_norm`` and for skipping NaN/inf steps on every
-    rank alike; on a skipped step nothing is clamped. ``last_clip.clip_coef`` is 1
+    rank alike. The clamp is two foreach kernels with the bound as a number, so it is
+    applied on a skipped step too (an inf becomes the bound, a NaN stays NaN); the
+    update of a skipped step is not applied either way. ``last_clip.clip_coef`` is 1
     (no single factor describes an element-wise clamp) and ``num_clipped`` is not
     counted (it would need another reduction).
     """
@@ -164,17 +167,9 @@ class ValueClip(Clipper):
     def _apply(
         self, plan: ReductionPlan, total_norm: Tensor, finite: Tensor, measured: Any
     ) -> tuple[Tensor, Tensor, Tensor | None]:
+        self.clamp_(plan.grads())
         threshold = torch.full_like(total_norm, self.config.clip_value)
-        bound = torch.where(finite, threshold, torch.full_like(threshold, float("inf")))
-        bounds: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
-        for grad in plan.grads():
-            key = (grad.device, grad.dtype)
-            if key not in bounds:
-                upper = bound.to(grad.device, grad.dtype)
-                bounds[key] = (-upper, upper)
-            lower, upper = bounds[key]
-            grad.clamp_(min=lower, max=upper)
-        return threshold, torch.ones_like(total_norm), None
+        return threshold, self._one, None
 
     @torch.no_grad()
     def observe_clamp_(self, total_norm: Tensor) -> ClipStats:
@@ -202,11 +197,17 @@ class ValueClip(Clipper):
         """Clamp every element of ``grads`` to ``[-clip_value, clip_value]``, in place.
 
         Element by element, so exact on any piece of the gradients (a flat ZeRO
-        partition included); no communication, no host read.
+        partition included); no communication, no host read. Two foreach kernels per
+        (device, dtype) group where the device has them, one clamp per tensor otherwise.
         """
         bound = self.config.clip_value
-        for grad in grads:
-            grad.clamp_(min=-bound, max=bound)
+        for device, group in group_by_device_and_dtype(list(grads)):
+            if use_foreach(device, self.config.foreach):
+                torch._foreach_clamp_min_(group, -bound)
+                torch._foreach_clamp_max_(group, bound)
+            else:
+                for grad in group:
+                    grad.clamp_(min=-bound, max=bound)
 
 
 class CoordinateWiseClip(ValueClip):
@@ -257,11 +258,14 @@ class LayerWiseClip(Clipper):
         norms = powsum_to_norm(measured, self.config.norm_type)
         threshold = torch.full_like(total_norm, self.config.max_norm)
         coefs = (threshold / (norms + self.config.eps)).clamp(max=1.0)
-        coefs = torch.where(finite, coefs, torch.ones_like(coefs))
-        for index, param in enumerate(plan.params):
-            if param.grad is not None:
-                grad = local_tensor(param.grad)
-                grad.mul_(coefs[index].to(grad.device))
+        coefs = torch.where(finite, coefs, 1.0)
+        factors = coefs.unbind(0)
+        present = [i for i, param in enumerate(plan.params) if param.grad is not None]
+        scale_each_(
+            [local_tensor(plan.params[i].grad) for i in present],  # type: ignore[arg-type]
+            [factors[i] for i in present],
+            foreach=self.config.foreach,
+        )
         smallest = coefs.amin() if coefs.numel() else torch.ones_like(total_norm)
         return threshold, smallest, (coefs < 1.0).any()
 

@@ -53,7 +53,7 @@ def stochastic_coefficient(
 ) -> tuple[Tensor, Tensor]:
     """``(c, clipped)``: ``c = level / n`` where ``n >= level`` and ``u < beta ** ((level/n) ** power)``."""
     ratio = level / total_norm
-    probability = torch.pow(torch.full_like(ratio, beta), ratio.pow(power))
+    probability = torch.pow(beta, ratio if power == 1 else ratio.pow(power))
     clipped = finite & (total_norm >= level) & (u.to(total_norm.dtype) < probability)
     return torch.where(clipped, ratio, torch.ones_like(ratio)), clipped
 
@@ -65,15 +65,34 @@ def _check_draw_options(config: Any) -> None:
 
 
 class _Stochastic:
-    """Shared by the four stochastic methods: the draw and the scaling around a level."""
+    """Shared by the four stochastic methods: the draw and the scaling around a level.
+
+    The draw of step ``t`` (0-based) is ``step_uniform(seed, t)``; ``t`` is kept on the
+    device as well (``_draw_step``), so that a step issues no tensor from host data
+    and can be captured in a graph.
+    """
 
     power: int
     config: Any
     num_steps: int
 
+    def _init_state(self, plan: ReductionPlan) -> None:
+        super()._init_state(plan)  # type: ignore[misc]
+        self._draw_step = torch.zeros((), dtype=torch.long, device=plan.device)
+
     def _level(self, total_norm: Tensor, finite: Tensor) -> Tensor:
         """This step's level (the fixed ``max_norm``, or AutoClip's threshold)."""
         raise NotImplementedError
+
+    def _draw(self, total_norm: Tensor, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(level, coef, clipped)`` of this step; advances the draw counter."""
+        level = self._level(total_norm, finite)
+        u = step_uniform(self.config.seed, self._draw_step, total_norm.device)
+        self._draw_step.add_(1)
+        coef, clipped = stochastic_coefficient(
+            total_norm, level, self.config.beta, self.power, u, finite
+        )
+        return level, coef, clipped
 
     def _external_threshold(
         self, total_norm: Tensor, finite: Tensor
@@ -83,25 +102,26 @@ class _Stochastic:
         A clipping draw gives the engine ``level * (n + eps) / n`` (so its factor
         ``min(1, t / (n + eps))`` is exactly ``level / n``); any other gives ``inf``.
         """
-        level = self._level(total_norm, finite)
-        u = step_uniform(self.config.seed, self.num_steps, total_norm.device)
-        coef, clipped = stochastic_coefficient(
-            total_norm, level, self.config.beta, self.power, u, finite
-        )
+        level, coef, clipped = self._draw(total_norm, finite)
         exact = level * (total_norm + self.config.eps) / total_norm
-        infinite = torch.full_like(level, float("inf"))
-        return level, coef, clipped, torch.where(clipped, exact, infinite)
+        return level, coef, clipped, torch.where(clipped, exact, float("inf"))
 
     def _apply(
         self, plan: ReductionPlan, total_norm: Tensor, finite: Tensor, measured: Any
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        level = self._level(total_norm, finite)
-        u = step_uniform(self.config.seed, self.num_steps, total_norm.device)
-        coef, clipped = stochastic_coefficient(
-            total_norm, level, self.config.beta, self.power, u, finite
-        )
+        level, coef, clipped = self._draw(total_norm, finite)
         self._scale(plan, coef)  # type: ignore[attr-defined]
         return level, coef, clipped
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as :meth:`Clipper.load_state_dict`; the draws continue from ``num_steps``."""
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._draw_step.fill_(self.num_steps)
+
+    def reset(self) -> None:
+        """Forget the history as :meth:`Clipper.reset`; the draws start again from step 0."""
+        super().reset()  # type: ignore[misc]
+        self._draw_step.zero_()
 
 
 @dataclass(frozen=True)

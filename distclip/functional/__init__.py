@@ -23,6 +23,7 @@ from distclip.functional.scaling import (
     DEFAULT_EPS,
     clip_coefficient,
     scale_,
+    scale_each_,
     skip_aware_coefficient,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "prefix_quantile",
     "quantile_table",
     "scale_",
+    "scale_each_",
     "skip_aware_coefficient",
     "sorted_prefix_quantile",
     "step_uniform",

@@ -12,9 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from distclip.functional._grouping import group_by_device_and_dtype, use_foreach
+from distclip.functional._grouping import (
+    group_by_device_and_dtype,
+    group_indices_by_device_and_dtype,
+    use_foreach,
+)
 
-__all__ = ["DEFAULT_EPS", "clip_coefficient", "scale_", "skip_aware_coefficient"]
+__all__ = ["DEFAULT_EPS", "clip_coefficient", "scale_", "scale_each_", "skip_aware_coefficient"]
 
 #: Added to the norm in the denominator of every clip coefficient.
 DEFAULT_EPS = 1e-6
@@ -44,3 +48,25 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = No
         else:
             for t in group:
                 t.mul_(coef_on_device)
+
+
+def scale_each_(
+    tensors: Sequence[Tensor], factors: Sequence[Tensor], *, foreach: bool | None = None
+) -> None:
+    """Multiply ``tensors[i]`` in place by ``factors[i]``, a device tensor broadcastable to it.
+
+    One ``torch._foreach_mul_`` per (device, dtype) group of ``tensors`` where the
+    device supports it (``foreach=False``: one ``mul_`` per tensor): the op count does
+    not grow with the number of tensors. Factors of per-tensor or per-row clipping
+    (0-dim, or ``(rows, 1, ...)``) differ in shape from their tensors, so on CUDA the
+    kernel takes torch's per-tensor path inside that one op. No host synchronisation.
+    """
+    if len(tensors) != len(factors):
+        raise ValueError(f"scale_each_ got {len(tensors)} tensors but {len(factors)} factors")
+    for device, group, indices in group_indices_by_device_and_dtype(tensors):
+        chosen = [factors[i].to(device) for i in indices]
+        if use_foreach(device, foreach):
+            torch._foreach_mul_(group, chosen)
+        else:
+            for tensor, factor in zip(group, chosen, strict=True):
+                tensor.mul_(factor)

@@ -224,7 +224,7 @@ class ReductionPlan:
         for group in self.groups:
             tensors = []
             for param, lead in zip(group.params, group.leader, strict=True):
-                source = param.grad if of == "grad" else param.detach()
+                source = param.grad if of == "grad" else param  # callers run under no_grad
                 tensors.append(_local(source) if source is not None and lead else _EMPTY)
             local = tensor_powsums(
                 tensors, norm_type, device=self.device, dtype=self.dtype, foreach=foreach
