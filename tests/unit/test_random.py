@@ -26,7 +26,8 @@ def reference_uniform(seed: int, step: int) -> float:
 def test_draws_equal_the_integer_reference_bit_for_bit(seed: int) -> None:
     for step in [*range(50), 10**6, 2**33 + 7]:
         got = step_uniform(seed, torch.tensor(step), torch.device("cpu"))
-        assert got.dtype == torch.float32 and got.shape == ()
+        assert got.dtype == torch.float32
+        assert got.shape == ()
         assert float(got) == reference_uniform(seed, step), (seed, step)
 
 
@@ -45,7 +46,8 @@ def test_draws_look_uniform_and_independent_across_steps() -> None:
     expected = n / 10
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 33.7  # the chi-squared 0.9999 quantile with 9 degrees of freedom
-    assert float(draws.min()) >= 0.0 and float(draws.max()) <= 1.0
+    assert float(draws.min()) >= 0.0
+    assert float(draws.max()) <= 1.0
 
 
 def test_seeds_give_different_sequences() -> None:
@@ -57,4 +59,5 @@ def test_seeds_give_different_sequences() -> None:
 def test_a_draw_reads_nothing_from_the_host_and_builds_nothing_from_it() -> None:
     step = torch.tensor(12)
     counts = probe(lambda: step_uniform(3, step, torch.device("cpu")))
-    assert counts.host_reads == 0 and counts.host_data == 0
+    assert counts.host_reads == 0
+    assert counts.host_data == 0
