@@ -43,16 +43,30 @@ class NormWindow:
         if not dtype.is_floating_point:
             raise TypeError(f"window dtype must be a floating-point dtype, got {dtype}")
         self.size = size
-        self._buffer = torch.full((size + 1,), float("inf"), dtype=dtype, device=device)
+        self._set_buffer(torch.full((size + 1,), float("inf"), dtype=dtype, device=device))
         self.num_seen = torch.zeros((), dtype=torch.long, device=device)
         self._tables: dict[float, QuantileTable] = {}
         #: Where a rejected norm goes: the buffer's last entry, outside ``values``.
         self._discard = torch.full((), size, dtype=torch.long, device=device)
 
+    def _set_buffer(self, buffer: Tensor) -> None:
+        self._buffer = buffer
+        # One view made here, not one per step.
+        self._values = buffer[: self.size]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_values"]  # a view of the buffer: made again, never copied apart from it
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._set_buffer(self._buffer)
+
     @property
     def values(self) -> Tensor:
         """The ``size`` window entries (a live view): valid ones first, then ``+inf``."""
-        return self._buffer[: self.size]
+        return self._values
 
     def push_(self, norm: Tensor, accept: Tensor) -> None:
         """Append the 0-dim ``norm`` where the 0-dim bool ``accept`` is true.
@@ -79,7 +93,7 @@ class NormWindow:
                 self.size, q, dtype=self._buffer.dtype, device=self._buffer.device
             )
             self._tables[q] = table
-        return sorted_prefix_quantile(self.values.sort().values, self.num_valid(), table)
+        return sorted_prefix_quantile(self._values.sort().values, self.num_valid(), table)
 
     def chronological(self) -> Tensor:
         """The valid entries, oldest first (synchronises: for tests and logging)."""
@@ -173,4 +187,5 @@ class NormWindow:
         num_valid = min(int(state["num_seen"]), self.size)
         buffer[:num_valid] = state["values"].detach()[:num_valid].to(buffer.device, buffer.dtype)
         num_seen = state["num_seen"].detach().to(buffer.device, torch.long, copy=True)
-        self._buffer, self.num_seen = buffer, num_seen
+        self._set_buffer(buffer)
+        self.num_seen = num_seen

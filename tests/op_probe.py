@@ -72,7 +72,29 @@ class OpProbe(TorchDispatchMode):
 
 
 def probe(fn: Callable[[], Any]) -> StepCounts:
-    """Run ``fn`` once under an :class:`OpProbe` and return its counts."""
-    with OpProbe() as mode:
-        fn()
+    """Run ``fn`` once under an :class:`OpProbe` and return its counts.
+
+    ``Tensor.tolist`` and ``Tensor.numpy`` read tensors without dispatching an aten op
+    on a CPU tensor: they are counted as host reads too, while the probe runs.
+    """
+    mode = OpProbe()
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def counting(name: str) -> Callable[..., Any]:
+        original = originals[name]
+
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            mode.counts.host_reads += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in originals:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        with mode:
+            fn()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
     return mode.counts

@@ -107,3 +107,9 @@ class AutoClip(Clipper):
 
     def _state_tensors(self) -> list[Tensor]:
         return [self.window.values, self.window.num_seen]
+
+    def _finite_count(self) -> Tensor | None:
+        return self.window.num_seen
+
+    def _state_finite_count(self, state: dict[str, Any]) -> int | None:
+        return int(state["window"]["num_seen"])

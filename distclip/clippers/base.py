@@ -168,7 +168,7 @@ class Clipper:
         self.deferred_coef: Tensor | None = None
         self._defer_scale = False
         plan = self.plan  # built now: an unsupported layout is refused at construction
-        self.num_skipped = torch.zeros((), dtype=torch.long, device=plan.device)
+        self._num_skipped = torch.zeros((), dtype=torch.long, device=plan.device)
         self.num_clipped = torch.zeros((), dtype=torch.long, device=plan.device)
         #: 1 in the norms' dtype: the factor of a skipped step (made once, not per step).
         self._one = torch.ones((), dtype=plan.dtype, device=plan.device)
@@ -325,9 +325,30 @@ class Clipper:
         coef, clipped = self._global_factor(threshold, total_norm, finite)
         return threshold, coef, clipped, threshold
 
+    @property
+    def num_skipped(self) -> Tensor:
+        """Steps whose global norm was NaN/inf (0-dim int64 on the device).
+
+        A method that counts the finite norms in its own state (:meth:`_finite_count`)
+        derives it as ``num_steps - finite norms`` when asked, one op fewer per step.
+        """
+        finite = self._finite_count()
+        if finite is None:
+            return self._num_skipped
+        return finite.new_full((), self.num_steps) - finite
+
+    def _finite_count(self) -> Tensor | None:
+        """The method state's own count of finite norms (0-dim int64), if it keeps one."""
+        return None
+
+    def _state_finite_count(self, state: dict[str, Any]) -> int | None:
+        """The count of finite norms in a validated method ``state``, if the method keeps one."""
+        return None
+
     def _count(self, skipped: Tensor, clipped: Tensor | None) -> None:
         """Add this step to ``num_skipped`` and (where known) ``num_clipped``."""
-        self.num_skipped.add_(skipped.to(self.num_skipped.device))
+        if self._finite_count() is None:
+            self._num_skipped.add_(skipped.to(self._num_skipped.device))
         if clipped is not None:
             self.num_clipped.add_(clipped.to(self.num_clipped.device))
 
@@ -440,6 +461,14 @@ class Clipper:
         if not isinstance(state, dict):
             raise ValueError(f"the method state must be a dict, got {type(state).__name__}")
         self._validate_state(state)
+        finite = self._state_finite_count(state)
+        if finite is not None and finite != num_steps - int(state_dict["num_skipped"]):
+            raise ValueError(
+                f"the state_dict is inconsistent: {num_steps} steps with "
+                f"{int(state_dict['num_skipped'])} skipped leave "
+                f"{num_steps - int(state_dict['num_skipped'])} finite norms, but the "
+                f"{self.method} state counts {finite}"
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; it is validated first and nothing changes on error."""
@@ -452,24 +481,24 @@ class Clipper:
                 self.config.as_dict(),
                 saved_config,
             )
-        device = self.num_skipped.device
+        device = self._num_skipped.device
         num_skipped = state_dict["num_skipped"].detach().to(device, torch.long, copy=True)
         num_clipped = state_dict["num_clipped"].detach().to(device, torch.long, copy=True)
         self._load_state(state_dict["state"])
         self.num_steps = state_dict["num_steps"]
-        self.num_skipped, self.num_clipped = num_skipped, num_clipped
+        self._num_skipped, self.num_clipped = num_skipped, num_clipped
 
     def reset(self) -> None:
         """Forget the history: counters to zero, the method's state emptied."""
         self.num_steps = 0
-        self.num_skipped.zero_()
+        self._num_skipped.zero_()
         self.num_clipped.zero_()
         self._reset_state()
 
     # ------------------------------------------------------------- consistency
     def state_checksum(self) -> Tensor:
         """1-D int64 tensor fingerprinting the whole state, bit for bit (no sync)."""
-        device = self.num_skipped.device
+        device = self._num_skipped.device
         parts = [
             torch.tensor(self.num_steps, dtype=torch.long, device=device),
             self.num_skipped,

@@ -176,6 +176,12 @@ class ZClip(Clipper):
         for key, value in loaded.items():
             setattr(self, key, value)
 
+    def _finite_count(self) -> Tensor | None:
+        return self.num_seen
+
+    def _state_finite_count(self, state: dict[str, Any]) -> int | None:
+        return int(state["num_seen"])
+
     def _reset_state(self) -> None:
         for tensor in (self.warmup_norms, self.num_seen, self.mean, self.var):
             tensor.zero_()

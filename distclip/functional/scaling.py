@@ -39,10 +39,13 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = No
 
     Tensors are grouped by (device, dtype); each group gets one ``torch._foreach_mul_``
     where the device supports it (``foreach=False`` forces a per-tensor ``mul_``).
-    ``coef`` is moved to each device once. No host synchronisation.
+    ``coef`` is moved to each device once and cast to the group's dtype: CUDA's fused
+    ``_foreach_mul_`` takes its multi-tensor path only when the scalar tensor has the
+    tensors' dtype (bf16/fp16 gradients get a bf16/fp16 factor; the norm it came from
+    was accumulated in float32). No host synchronisation.
     """
     for device, group in group_by_device_and_dtype(tensors):
-        coef_on_device = coef.to(device)
+        coef_on_device = coef.to(device, group[0].dtype)
         if use_foreach(device, foreach):
             torch._foreach_mul_(group, coef_on_device)
         else:

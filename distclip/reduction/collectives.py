@@ -31,7 +31,10 @@ def is_distributed() -> bool:
 def collective_device(group: dist.ProcessGroup | None, like: Tensor) -> torch.device:
     """The device a collective on ``group`` must run on, for a tensor like ``like``.
 
-    gloo reduces on the CPU, NCCL on the current CUDA device; a group with a backend
+    gloo reduces on the CPU; NCCL on ``like``'s own CUDA device (the gradients'),
+    whatever the current device is (a rank that moved its model with
+    ``.to(f"cuda:{rank}")`` without ``torch.cuda.set_device`` must not reduce on
+    cuda:0), or on the current CUDA device for a CPU tensor; a group with a backend
     for ``like``'s device type (e.g. ``"cpu:gloo,cuda:nccl"``) keeps ``like``'s device.
     """
     backend = str(dist.get_backend(group)).lower()
@@ -40,6 +43,8 @@ def collective_device(group: dist.ProcessGroup | None, like: Tensor) -> torch.de
         if like.device.type in device_types:
             return like.device
     if "nccl" in backend:
+        if like.device.type == "cuda":
+            return like.device
         return torch.device("cuda", torch.cuda.current_device())
     if "gloo" in backend:
         return torch.device("cpu")
@@ -53,6 +58,7 @@ def all_reduce_powsum(powsum: Tensor, norm_type: float, group: dist.ProcessGroup
     """
     op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
     device = collective_device(group, powsum)
+    # A copy, so the caller's tensor is never reduced in place; 1-D, as every backend takes.
     buffer = powsum.to(device, copy=True).reshape(-1)
     dist.all_reduce(buffer, op=op, group=group)
     return buffer.reshape(powsum.shape).to(powsum.device)

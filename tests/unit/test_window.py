@@ -113,3 +113,20 @@ def test_bad_window_state_is_refused_before_changing_anything(mutate, error, mat
     with pytest.raises(error, match=match):
         window.load_state_dict(state)
     assert torch.equal(window.values, before)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_window_keeps_its_values_a_view_of_its_own_buffer(how: str) -> None:
+    import copy
+    import pickle
+
+    window = NormWindow(3)
+    for norm in (1.0, 4.0):
+        _push(window, norm)
+    clone = copy.deepcopy(window) if how == "deepcopy" else pickle.loads(pickle.dumps(window))
+    _push(clone, 2.0)
+    _push(clone, math.nan)
+    assert clone.chronological().tolist() == [1.0, 4.0, 2.0]
+    assert window.chronological().tolist() == [1.0, 4.0]
+    assert float(clone.quantile(0.5)) == 2.0
+    assert float(window.quantile(0.5)) == 2.5

@@ -228,23 +228,52 @@ def _loss_scale(optimizer: Any) -> float:
 def _as_norm_tensor(norm: Any) -> Tensor:
     if isinstance(norm, Tensor):
         return norm
-    return torch.tensor(float(norm), dtype=torch.float64)
+    return torch.full((), float(norm), dtype=torch.float64)  # a fill, not a copy from host
 
 
-def _threshold_for_deepspeed(stats: ClipStats) -> tuple[float, bool]:
-    """``(threshold, skipped)`` as Python values, in one read to the host.
+class DeviceClipValue(Tensor):
+    """A 0-dim threshold on the device that DeepSpeed can use as its ``clip_grad``.
 
-    The threshold is the number DeepSpeed compares with (``stats.engine_threshold``,
-    which differs from ``stats.threshold`` only for the stochastic methods): ``inf``
-    (no clipping) on a skipped step.
+    Every wrapper first asks ``clip_grad > 0.`` / ``clip_grad == 0.0`` on the host, then
+    divides a norm tensor by it. A distclip threshold is always positive (``inf`` when
+    nothing bounds it), so those comparisons with a number <= 0 are answered on the
+    host without reading the tensor, and the division is an ordinary tensor op: the
+    threshold reaches DeepSpeed's clip without a read to the host. Every other use is
+    that of a plain tensor (results are plain tensors).
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    @staticmethod
+    def __new__(cls, value: Tensor) -> DeviceClipValue:
+        return Tensor._make_subclass(cls, value)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _nonpositive(other: Any) -> bool:
+        return isinstance(other, (int, float)) and not isinstance(other, bool) and other <= 0
+
+    def __gt__(self, other: Any) -> Any:
+        return True if self._nonpositive(other) else Tensor.__gt__(self, other)
+
+    def __eq__(self, other: Any) -> Any:  # type: ignore[override]
+        return False if self._nonpositive(other) else Tensor.__eq__(self, other)
+
+    def __ne__(self, other: Any) -> Any:  # type: ignore[override]
+        return True if self._nonpositive(other) else Tensor.__ne__(self, other)
+
+    __hash__ = Tensor.__hash__
+
+
+def _threshold_for_deepspeed(stats: ClipStats) -> DeviceClipValue:
+    """The number DeepSpeed must clip by this step, as a device tensor (no host read).
+
+    ``stats.engine_threshold`` (which differs from ``stats.threshold`` only for the
+    stochastic methods), or ``inf`` (no clipping) on a skipped step.
     """
     engine = stats.engine_threshold if stats.engine_threshold is not None else stats.threshold
-    threshold, skipped = torch.stack(
-        [engine.to(torch.float64), stats.skipped.to(torch.float64)]
-    ).tolist()
-    if skipped or math.isnan(threshold):
-        return math.inf, bool(skipped)
-    return float(threshold), False
+    inf = float("inf")
+    value = torch.where(stats.skipped, inf, engine).nan_to_num(nan=inf, posinf=inf)
+    return DeviceClipValue(value)
 
 
 # ------------------------------------------------------------------------- wrappers
@@ -275,9 +304,8 @@ class _WrapperHook:
         self.original_step = original_step
         self.armed = False
         self.read = False
-        self.threshold = math.inf
+        self.threshold: Any = math.inf
         self.scale0 = 1.0
-        self.warned_nonfinite = False
 
     def arm(self, optimizer: Any) -> None:
         self.armed = True
@@ -318,15 +346,7 @@ class _WrapperHook:
                 # read to the host: the inner step's pre-hook clamps the fp32 gradients.
                 self.threshold = 0.0
                 return self.threshold
-            self.threshold, skipped = _threshold_for_deepspeed(stats)
-            if skipped and not self.warned_nonfinite:
-                self.warned_nonfinite = True
-                logger.warning(
-                    "distclip: DeepSpeed's %s applies a step whose global norm is not finite "
-                    "(bf16.check_grad_overflow is off?); distclip keeps the norm out of its "
-                    "state, but only DeepSpeed can skip the update",
-                    self.wrapper,
-                )
+            self.threshold = _threshold_for_deepspeed(stats)
         return self.threshold
 
     def clamp_active(self) -> bool:
@@ -353,7 +373,7 @@ class _WrapperHook:
                 # A NaN/inf norm in fp32/bf16: the native wrappers count such a step as
                 # skipped (and raise with nonfinite="error"); fp16 overflows are loss
                 # scaling at work, skipped like torch.amp.GradScaler does, uncounted.
-                self.observe(torch.tensor(math.inf))
+                self.observe(torch.full((), math.inf))
             return
         raise RuntimeError(
             f"distclip: DeepSpeed's {self.wrapper}.step() updated the parameters without "
@@ -486,6 +506,13 @@ def _install_wrapper_hook(
         inner_apply = _clamp_apply(clamp)
     elif fragments is not None:
         inner_apply = FragmentClip(optimizer, wrapper, fragments)
+    if getattr(optimizer, "check_grad_overflow", True) is False:
+        logger.warning(
+            "distclip: DeepSpeed's %s runs with bf16.check_grad_overflow off, so it applies "
+            "steps whose global norm is not finite; distclip keeps such norms out of its "
+            "state (last_clip reports the skip), but only DeepSpeed can skip the update",
+            wrapper,
+        )
     original_class = type(optimizer)
     original_step = optimizer.step
     had_step = "step" in optimizer.__dict__
