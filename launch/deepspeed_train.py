@@ -156,9 +156,11 @@ def train(args: argparse.Namespace) -> None:
     for step in range(start_step, args.steps):
         for m in range(gas):
             x, y = data.batch(step, rank, m, micro)
+            # Both on the engine's device: on a GPU the model's output is there too.
+            x, y = x.to(engine.device, dtype), y.to(engine.device)
             if step == args.nan_step and rank == 0:
                 y = torch.full_like(y, float("nan"))
-            loss = nn.functional.mse_loss(engine(x.to(engine.device, dtype)).float(), y)
+            loss = nn.functional.mse_loss(engine(x).float(), y)
             engine.backward(loss)
             engine.step()
         stats = adapter.last_clip

@@ -518,3 +518,54 @@ def run_per_unit(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             result["error"] = traceback.format_exc()
         results.append(result)
     return results
+
+
+def run_host_reads(specs: list[dict[str, Any]], steps: int = 5) -> list[dict[str, Any]]:
+    """Host reads and tensors from host data per training step, with and without distclip.
+
+    For each spec: the same engine built by plain ``deepspeed.initialize`` (DeepSpeed's
+    own ``gradient_clipping``) and by ``distclip.deepspeed.initialize``; after two
+    warm-up steps, each of the remaining steps (backward and ``engine.step()``) runs
+    under ``tests.op_probe.probe``. What distclip adds is the difference.
+    """
+    from tests.op_probe import probe
+
+    deepspeed = setup()
+    rank = dist.get_rank()
+    results = []
+    for spec in specs:
+        result: dict[str, Any] = {"name": spec["name"]}
+        try:
+            for label in ("plain", "distclip"):
+                model = make_model(0)
+                optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+                config = dict(spec["ds_config"])
+                if label == "plain":
+                    config.pop("distclip")
+                    engine, *_ = deepspeed.initialize(
+                        model=model, optimizer=optimizer, config=config
+                    )
+                else:
+                    engine, *_ = distclip.deepspeed.initialize(
+                        model=model, optimizer=optimizer, config=config
+                    )
+                dtype = torch.bfloat16 if spec["bf16"] else torch.float32
+
+                def step(index: int, engine: Any = engine, dtype: torch.dtype = dtype) -> None:
+                    x, y = micro_batch(index, rank, 0)
+                    engine.backward(loss_fn(engine(x.to(dtype)), y))
+                    engine.step()
+
+                counts = []
+                for index in range(steps):
+                    if index < 2:
+                        step(index)
+                        continue
+                    seen = probe(lambda index=index: step(index))
+                    counts.append((seen.host_reads, seen.host_data))
+                result[label] = counts
+                _release(engine)
+        except Exception:
+            result["error"] = traceback.format_exc()
+        results.append(result)
+    return results
