@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 EPS = 1e-6
+
+#: Options under which every method clips something on gradients of unit scale (so a
+#: count of a step's ops or host transfers covers the clipping path of each method).
+CLIPPING_OPTIONS: dict[str, dict[str, Any]] = {
+    "norm": {"max_norm": 0.5},
+    "value": {"clip_value": 0.05},
+    "coordinate_wise": {"clip_value": 0.05},
+    "autoclip": {"q": 0.5, "window": 10},
+    "auto_clip": {"q": 0.5, "window": 10},
+    "linear_stoch_norm": {"max_norm": 0.5},
+    "quadratic_stoch_norm": {"max_norm": 0.5},
+    "linear_stoch_autoclip": {"q": 0.5, "window": 10},
+    "quadratic_stoch_autoclip": {"q": 0.5, "window": 10},
+    "layer_wise": {"max_norm": 0.1},
+    "zclip": {"warmup_steps": 2},
+    "agc": {"clip_factor": 0.01},
+}
 
 
 def norm_of(grads: Sequence[torch.Tensor], p: float = 2.0) -> float:

@@ -22,27 +22,11 @@ import torch
 
 import distclip
 from distclip.functional import step_uniform
-from tests.reference import SlowAutoClip
+from tests.reference import CLIPPING_OPTIONS, SlowAutoClip
 
 pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda", 0)
-
-#: Options under which every method clips something on these gradients.
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "norm": {"max_norm": 0.5},
-    "value": {"clip_value": 0.05},
-    "coordinate_wise": {"clip_value": 0.05},
-    "autoclip": {"q": 0.5, "window": 10},
-    "auto_clip": {"q": 0.5, "window": 10},
-    "linear_stoch_norm": {"max_norm": 0.5},
-    "quadratic_stoch_norm": {"max_norm": 0.5},
-    "linear_stoch_autoclip": {"q": 0.5, "window": 10},
-    "quadratic_stoch_autoclip": {"q": 0.5, "window": 10},
-    "layer_wise": {"max_norm": 0.1},
-    "zclip": {"warmup_steps": 2},
-    "agc": {"clip_factor": 0.01},
-}
 
 
 def _model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -74,10 +58,10 @@ def _no_sync(fn: Any) -> Any:
 
 
 @pytest.mark.parametrize("how", ["class", "clip_"])
-@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+@pytest.mark.parametrize("method", sorted(CLIPPING_OPTIONS))
 def test_steps_after_the_first_never_synchronise(method: str, how: str) -> None:
     model = _model()
-    options = METHOD_OPTIONS[method]
+    options = CLIPPING_OPTIONS[method]
     if how == "class":
         cls = distclip.ClippedOptimizer(torch.optim.AdamW, method, **options)
         step = cls(model.parameters(), lr=1e-3, fused=True).step

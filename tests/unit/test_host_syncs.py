@@ -21,22 +21,7 @@ import torch
 
 import distclip
 from tests.op_probe import StepCounts, probe
-
-#: Options under which every method clips something on these gradients.
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "norm": {"max_norm": 0.5},
-    "value": {"clip_value": 0.05},
-    "coordinate_wise": {"clip_value": 0.05},
-    "autoclip": {"q": 0.5, "window": 10},
-    "auto_clip": {"q": 0.5, "window": 10},
-    "linear_stoch_norm": {"max_norm": 0.5},
-    "quadratic_stoch_norm": {"max_norm": 0.5},
-    "linear_stoch_autoclip": {"q": 0.5, "window": 10},
-    "quadratic_stoch_autoclip": {"q": 0.5, "window": 10},
-    "layer_wise": {"max_norm": 0.1},
-    "zclip": {"warmup_steps": 2},
-    "agc": {"clip_factor": 0.01},
-}
+from tests.reference import CLIPPING_OPTIONS
 
 
 def _model(num_layers: int = 2, width: int = 8) -> torch.nn.Module:
@@ -65,7 +50,7 @@ def _steps(model: torch.nn.Module, step: Callable[[], Any], nan_at: int = 3) -> 
 
 
 def _entry(method: str, how: str, model: torch.nn.Module) -> Callable[[], Any]:
-    options = METHOD_OPTIONS[method]
+    options = CLIPPING_OPTIONS[method]
     if how == "class":
         cls = distclip.ClippedOptimizer(torch.optim.AdamW, method, **options)
         return cls(model.parameters(), lr=1e-3, fused=True).step
