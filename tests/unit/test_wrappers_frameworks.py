@@ -108,7 +108,9 @@ def test_get_clipper_and_attach_see_through_wrappers() -> None:
 
 
 def test_attach_refuses_what_is_not_a_torch_optimizer_with_the_chain_named() -> None:
-    with pytest.raises(TypeError, match=r"wrapper exposing one as \.optimizer, got _Wrapper -> object$"):
+    with pytest.raises(
+        TypeError, match=r"wrapper exposing one as \.optimizer, got _Wrapper -> object$"
+    ):
         distclip.attach(_Wrapper(object()))
     deepspeed_like = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero"})
     inner = deepspeed_like()
@@ -177,6 +179,17 @@ def test_framework_clipping_is_refused_at_the_first_step(fake_trainer_module: ty
     assert "_distclip" not in plain.__dict__
     fake_trainer_module(None).attach(plain)
     assert distclip.get_clipper(plain).num_steps == 0
+
+
+def test_a_trainer_held_by_an_integration_is_checked_directly(fake_trainer_module: type) -> None:
+    with pytest.raises(
+        distclip.FrameworkClippingError,
+        match=r"^distclip zclip: FakeFramework clips .*\(Trainer\(clip=0\.5\)\).*pass clip=None\.$",
+    ):
+        frameworks.check_trainer(fake_trainer_module(0.5), "zclip")
+    frameworks.check_trainer(fake_trainer_module(None), "zclip")
+    frameworks.check_trainer(fake_trainer_module(0.0), "zclip")
+    frameworks.check_trainer(object(), "zclip")  # no known framework's trainer
 
 
 # ------------------------------------------------------------------ adoption
