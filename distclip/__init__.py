@@ -89,8 +89,12 @@ __all__ = [
 ]
 
 
+#: Integration modules imported on first access; none imports its framework on import.
+_LAZY_MODULES = ("deepspeed", "lightning")
+
+
 def __getattr__(name: str) -> _ModuleType:
-    """``distclip.deepspeed``, imported on first access (it does not import DeepSpeed)."""
-    if name == "deepspeed":
-        return _importlib.import_module("distclip.deepspeed")
+    """``distclip.deepspeed`` and ``distclip.lightning``, imported on first access."""
+    if name in _LAZY_MODULES:
+        return _importlib.import_module(f"distclip.{name}")
     raise AttributeError(f"module 'distclip' has no attribute {name!r}")
