@@ -241,3 +241,20 @@ def test_a_module_that_clips_in_its_own_hook_is_warned_about(
     # The warning says what happens: distclip measures what the hook left (norms <= 0.5).
     assert callback.clipper.num_steps == 3
     assert float(callback.clipper.window.chronological().max()) <= 0.5 + 1e-6
+
+
+def test_a_callback_without_options_logs_the_optimizer_class_clipper(tmp_path: Path) -> None:
+    ls.quiet()
+    callback = DistClipCallback()
+    recorder = ls.Recorder(callback)
+    trainer = ls.make_trainer("single", tmp_path, [callback, recorder], max_steps=3)
+    module = ls.ClipNet(clipped_class=ls.AUTOCLIP)
+    trainer.fit(module)
+    assert callback.clipper is distclip.get_clipper(module.optimizers())
+    assert [s["step"] for s in recorder.stats] == [1, 2, 3]
+    for logged, record in zip(recorder.logged, recorder.stats, strict=True):
+        assert logged["threshold"] == pytest.approx(record["threshold"], rel=1e-6)
+    with pytest.raises(ValueError, match=r"already clips with distclip \(autoclip\)"):
+        ls.make_trainer("single", tmp_path, [DistClipCallback(window=4)], max_steps=1).fit(
+            ls.ClipNet(clipped_class=ls.AUTOCLIP)
+        )
