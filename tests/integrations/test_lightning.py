@@ -258,3 +258,12 @@ def test_a_callback_without_options_logs_the_optimizer_class_clipper(tmp_path: P
         ls.make_trainer("single", tmp_path, [DistClipCallback(window=4)], max_steps=1).fit(
             ls.ClipNet(clipped_class=ls.AUTOCLIP)
         )
+
+
+def test_lightning_fsdp1_strategy_refuses_cpu() -> None:
+    # Why FSDPStrategy is not in the matrix: the README says so, this pins it. A Lightning
+    # that accepts CPU here makes this fail, and FSDP1 should then join the matrix.
+    import pytorch_lightning as pl
+
+    with pytest.raises(ValueError, match=r"strategy `fsdp` requires a GPU accelerator"):
+        pl.Trainer(accelerator="cpu", devices=1, strategy="fsdp", logger=False)
