@@ -11,7 +11,9 @@ Entry points:
 * :class:`AutoClip`, :class:`NormClip`, :func:`make_clipper`: a standalone clipper
   to call between ``backward()`` and ``step()``;
 * :func:`get_total_norm`, :func:`clip_grad_norm_`: layout-correct drop-ins for
-  torch's functions of the same names.
+  torch's functions of the same names;
+* :class:`MetricsWriter`, :func:`read_metrics`: the per-step record as JSON lines,
+  drawn by ``python -m distclip.plot``.
 """
 
 import importlib as _importlib
@@ -46,10 +48,12 @@ from distclip.integrations import (
     attach,
     get_clipper,
 )
+from distclip.integrations.metrics import METRICS_FIELDS, MetricsWriter, read_metrics
 from distclip.reduction import ReductionPlan, clip_grad_norm_, get_total_norm, mark_shared
 
 __all__ = [
     "AGC",
+    "METRICS_FIELDS",
     "AutoClip",
     "AutoClipConfig",
     "AutoClippedOptimizer",
@@ -63,6 +67,7 @@ __all__ = [
     "LayerWiseClip",
     "LinearStochAutoClip",
     "LinearStochNormClip",
+    "MetricsWriter",
     "NonFiniteNormError",
     "NormClip",
     "NormClipConfig",
@@ -80,11 +85,16 @@ __all__ = [
     "get_total_norm",
     "make_clipper",
     "mark_shared",
+    "read_metrics",
 ]
 
 
+#: Integration modules imported on first access; none imports its framework on import.
+_LAZY_MODULES = ("deepspeed", "lightning")
+
+
 def __getattr__(name: str) -> _ModuleType:
-    """``distclip.deepspeed``, imported on first access (it does not import DeepSpeed)."""
-    if name == "deepspeed":
-        return _importlib.import_module("distclip.deepspeed")
+    """``distclip.deepspeed`` and ``distclip.lightning``, imported on first access."""
+    if name in _LAZY_MODULES:
+        return _importlib.import_module(f"distclip.{name}")
     raise AttributeError(f"module 'distclip' has no attribute {name!r}")

@@ -117,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save", default=None, help="save a checkpoint here at the end")
     parser.add_argument("--load", default=None, help="resume from a checkpoint saved with --save")
+    parser.add_argument(
+        "--metrics", default=None, help="write the per-step record here as JSON lines (rank 0)"
+    )
+    parser.add_argument(
+        "--metrics-every", type=int, default=1, help="write every N-th step to --metrics"
+    )
     # The deepspeed launcher passes --local_rank; torchrun sets LOCAL_RANK instead.
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -152,6 +158,13 @@ def train(args: argparse.Namespace) -> None:
         )
     data = SyntheticRegression(args.seed)
     norms, thresholds = [], []
+    writer = (
+        distclip.MetricsWriter(
+            args.metrics, every=args.metrics_every, rank=rank, append=bool(args.load)
+        )
+        if args.metrics
+        else None
+    )
     started = time.perf_counter()
     for step in range(start_step, args.steps):
         for m in range(gas):
@@ -167,6 +180,8 @@ def train(args: argparse.Namespace) -> None:
         assert stats is not None
         norms.append(stats.total_norm.detach().clone())
         thresholds.append(stats.threshold.detach().clone())
+        if writer is not None:
+            writer.write(stats)
         if is_main and (step + 1) % args.log_every == 0:
             seen = stats.as_floats()
             print(
@@ -176,6 +191,8 @@ def train(args: argparse.Namespace) -> None:
                 flush=True,
             )
     elapsed = time.perf_counter() - started
+    if writer is not None:
+        writer.close()
     if args.save:
         engine.save_checkpoint(args.save)
     clipper.check_consistency()  # raises distclip.RankDesyncError if the ranks disagree

@@ -274,6 +274,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--log-every", type=positive_int, default=10, help="progress bar update interval"
     )
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="write the per-step record here as JSON lines (rank 0; see distclip.MetricsWriter)"
+        "; draw it with python -m distclip.plot",
+    )
+    parser.add_argument(
+        "--metrics-every",
+        type=positive_int,
+        default=1,
+        help="write every N-th step to --metrics (each line is one copy to the host)",
+    )
     return parser.parse_args(argv)
 
 
@@ -355,6 +367,11 @@ def train(args: argparse.Namespace, env: DistEnv) -> None:
 
     norms: list[Tensor] = []
     thresholds: list[Tensor] = []
+    writer = (
+        distclip.MetricsWriter(args.metrics, every=args.metrics_every, rank=env.rank)
+        if args.metrics
+        else None
+    )
     start = time.perf_counter()
     with tqdm(total=args.steps, disable=not is_main, unit="step", mininterval=0.5) as bar:
         for step in range(args.steps):
@@ -368,6 +385,8 @@ def train(args: argparse.Namespace, env: DistEnv) -> None:
             assert stats is not None
             norms.append(stats.total_norm.detach().clone())  # tensors: no host sync
             thresholds.append(stats.threshold.detach().clone())
+            if writer is not None:
+                writer.write(stats)  # a host copy on the steps it writes, on rank 0
             bar.update(1)
             if is_main and (step + 1) % args.log_every == 0:
                 seen = stats.as_floats()  # the only host reads: once per interval
@@ -378,6 +397,8 @@ def train(args: argparse.Namespace, env: DistEnv) -> None:
                     refresh=False,
                 )
     elapsed = time.perf_counter() - start
+    if writer is not None:
+        writer.close()
 
     final_loss = evaluate(model, held_out)
     # Debug check: every rank's window must be bit-for-bit the same.
@@ -408,6 +429,8 @@ def train(args: argparse.Namespace, env: DistEnv) -> None:
             ),
             flush=True,
         )
+        if writer is not None:
+            print(f"  metrics          {writer.num_written} lines in {args.metrics}", flush=True)
     if not identical:
         raise distclip.RankDesyncError("the AutoClip windows differ between ranks")
 

@@ -8,6 +8,8 @@ threshold would be wrong, silently. distclip looks for such a trainer once, when
 optimizer is built or attached and at its first step, by walking the Python call
 stack (no framework is imported, nothing touches the device), and refuses with
 :class:`~distclip.errors.FrameworkClippingError`, naming the setting and the fix.
+An integration that holds the trainer (the Lightning callback) checks it directly with
+:func:`check_trainer`: the same table, the same message.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from typing import Any
 
 from distclip.errors import FrameworkClippingError
 
-__all__ = ["FRAMEWORKS", "FrameworkClipping", "check_framework_clipping", "find_trainer"]
+__all__ = [
+    "FRAMEWORKS",
+    "FrameworkClipping",
+    "check_framework_clipping",
+    "check_trainer",
+    "find_trainer",
+]
 
 #: How many frames up the stack a trainer is looked for.
 _MAX_DEPTH = 80
@@ -115,16 +123,7 @@ def find_trainer(
     return None
 
 
-def check_framework_clipping(method: str) -> None:
-    """Refuse when a trainer on the call stack clips the gradients before distclip does.
-
-    Raises:
-        FrameworkClippingError: naming the framework, its setting and value, and the fix.
-    """
-    found = find_trainer()
-    if found is None:
-        return
-    framework, trainer = found
+def _refuse_if_clipping(framework: FrameworkClipping, trainer: Any, method: str) -> None:
     value = framework.clip_value(trainer)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         return
@@ -134,3 +133,33 @@ def check_framework_clipping(method: str) -> None:
         "would measure norms already clipped to that value and its thresholds would be "
         f"wrong. To train with distclip, {framework.fix}."
     )
+
+
+def check_trainer(
+    trainer: Any, method: str, frameworks: tuple[FrameworkClipping, ...] | None = None
+) -> None:
+    """Refuse ``trainer`` when it is a known framework's trainer whose own clipping is on.
+
+    For integrations that hold the trainer (a Lightning callback); code that does not
+    uses :func:`check_framework_clipping`. ``frameworks`` defaults to :data:`FRAMEWORKS`;
+    an object of no known framework passes.
+
+    Raises:
+        FrameworkClippingError: naming the framework, its setting and value, and the fix.
+    """
+    for framework in FRAMEWORKS if frameworks is None else frameworks:
+        classes = framework.loaded_classes()
+        if classes and isinstance(trainer, classes):
+            _refuse_if_clipping(framework, trainer, method)
+            return
+
+
+def check_framework_clipping(method: str) -> None:
+    """Refuse when a trainer on the call stack clips the gradients before distclip does.
+
+    Raises:
+        FrameworkClippingError: naming the framework, its setting and value, and the fix.
+    """
+    found = find_trainer()
+    if found is not None:
+        _refuse_if_clipping(*found, method)

@@ -181,6 +181,17 @@ def test_framework_clipping_is_refused_at_the_first_step(fake_trainer_module: ty
     assert distclip.get_clipper(plain).num_steps == 0
 
 
+def test_a_trainer_held_by_an_integration_is_checked_directly(fake_trainer_module: type) -> None:
+    with pytest.raises(
+        distclip.FrameworkClippingError,
+        match=r"^distclip zclip: FakeFramework clips .*\(Trainer\(clip=0\.5\)\).*pass clip=None\.$",
+    ):
+        frameworks.check_trainer(fake_trainer_module(0.5), "zclip")
+    frameworks.check_trainer(fake_trainer_module(None), "zclip")
+    frameworks.check_trainer(fake_trainer_module(0.0), "zclip")
+    frameworks.check_trainer(object(), "zclip")  # no known framework's trainer
+
+
 # ------------------------------------------------------------------ adoption
 def test_attach_adopts_a_clipper_state_loaded_into_the_plain_optimizer() -> None:
     model, resumed_model = _model(), _model()
