@@ -29,7 +29,8 @@ from torch.optim import Optimizer
 from distclip.clippers import Clipper, ClipStats
 from distclip.functional._compile import eager_only
 from distclip.functional.scaling import scale_
-from distclip.integrations.frameworks import check_framework_clipping
+from distclip.integrations.frameworks import check_first_step
+from distclip.integrations.wrappers import LastClipMirrors
 
 __all__ = [
     "STATE_KEY",
@@ -133,6 +134,8 @@ class OptimizerBinding:
         self._armed: SkipToken | None = None
         #: A ``GradScaler``'s ``grad_scale`` that :meth:`before_step` divided out.
         self._unscaled_from: Tensor | None = None
+        #: Framework wrappers around the optimizer that get ``last_clip`` too.
+        self.mirrors = LastClipMirrors()
 
     @staticmethod
     def _signature(optimizer: Optimizer) -> tuple[int, ...]:
@@ -170,15 +173,19 @@ class OptimizerBinding:
     # optimizer run eagerly under torch.compile; clip_ itself is still compiled.
     @eager_only(recursive=False)
     def before_step(self, optimizer: Optimizer) -> ClipStats | None:
-        """Clip before the update and record ``optimizer.last_clip``.
+        """Clip before the update and record ``optimizer.last_clip`` (and on its mirrors).
 
+        The first call also runs :func:`~distclip.integrations.frameworks.check_first_step`
+        (framework clipping, DeepSpeed around the optimizer) and registers the
+        framework wrappers found stepping the optimizer as mirrors of ``last_clip``.
         Returns ``None`` (and clips nothing) for the state-initialisation step of
         ``torch.distributed.checkpoint``.
         """
         if _in_dcp_state_init():
             return None
-        if self.clipper.num_steps == 0 and not self._framework_checked:
-            check_framework_clipping(self.clipper.method)
+        if not self._framework_checked:  # the first step of this binding (resumed or not)
+            for wrapper in check_first_step(optimizer, self.clipper.method):
+                self.mirrors.add(wrapper)
             self._framework_checked = True
         self.refresh_params(optimizer)
         self._unscale_amp_grads(optimizer)
@@ -187,6 +194,7 @@ class OptimizerBinding:
         stats = self.clipper.clip_(defer_scale=fold)
         self._folded_coef = self.clipper.deferred_coef if fold else None
         optimizer.last_clip = stats  # type: ignore[attr-defined]
+        self.mirrors.publish(stats)
         return stats
 
     @eager_only()

@@ -108,7 +108,9 @@ def test_get_clipper_and_attach_see_through_wrappers() -> None:
 
 
 def test_attach_refuses_what_is_not_a_torch_optimizer_with_the_chain_named() -> None:
-    with pytest.raises(TypeError, match=r"wrapper exposing one as \.optimizer, got _Wrapper -> object$"):
+    with pytest.raises(
+        TypeError, match=r"wrapper exposing one as \.optimizer, got _Wrapper -> object$"
+    ):
         distclip.attach(_Wrapper(object()))
     deepspeed_like = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero"})
     inner = deepspeed_like()
