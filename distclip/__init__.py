@@ -11,7 +11,10 @@ Entry points:
 * :class:`AutoClip`, :class:`NormClip`, :func:`make_clipper`: a standalone clipper
   to call between ``backward()`` and ``step()``;
 * :func:`get_total_norm`, :func:`clip_grad_norm_`: layout-correct drop-ins for
-  torch's functions of the same names.
+  torch's functions of the same names;
+* ``distclip.deepspeed``, ``distclip.hf``, ``distclip.accelerate``: DeepSpeed engines,
+  the Hugging Face Trainer and Accelerate (imported on first access; none of them
+  imports its framework).
 """
 
 import importlib as _importlib
@@ -83,8 +86,15 @@ __all__ = [
 ]
 
 
+#: The integration modules, imported on first access as ``distclip.<name>``.
+_INTEGRATIONS = ("deepspeed", "hf", "accelerate")
+
+
 def __getattr__(name: str) -> _ModuleType:
-    """``distclip.deepspeed``, imported on first access (it does not import DeepSpeed)."""
-    if name == "deepspeed":
-        return _importlib.import_module("distclip.deepspeed")
+    """``distclip.deepspeed`` / ``.hf`` / ``.accelerate``, imported on first access.
+
+    None of them imports its framework (DeepSpeed, transformers, accelerate).
+    """
+    if name in _INTEGRATIONS:
+        return _importlib.import_module(f"distclip.{name}")
     raise AttributeError(f"module 'distclip' has no attribute {name!r}")
