@@ -4,7 +4,8 @@ The real frameworks are exercised in ``tests/integrations``; here each rule is p
 in one process, fast: ``last_clip`` mirrored onto the wrappers stepping an optimizer,
 a DeepSpeed engine around a distclip optimizer refused, the once-only warning under
 an unguarded Accelerate optimizer, ``get_clipper`` through a DeepSpeed engine's marker,
-and the ``torch.nn.Module`` passed as parameters.
+and the ``torch.nn.Module`` passed as parameters. (A resumed clipper's first step:
+``test_wrappers_frameworks.py``.)
 """
 
 from __future__ import annotations
@@ -177,38 +178,3 @@ def test_a_module_given_as_parameters_is_explained() -> None:
         TypeError, match=r"got a torch\.nn\.Module \(Sequential\) as its parameters"
     ):
         cls(_model(), lr=0.1)
-
-
-def test_the_first_step_check_runs_for_a_resumed_clipper_too(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    model = _model()
-    cls = distclip.AutoClippedOptimizer(torch.optim.SGD, window=3)
-    first = cls(model.parameters(), lr=0.1)
-    _backward(model, 0)
-    first.step()
-    resumed = cls(model.parameters(), lr=0.1)
-    resumed.load_state_dict(first.state_dict())
-    assert resumed.clipper.num_steps == 1
-    module = types.ModuleType("fake_trainer_module")
-
-    class Trainer:
-        clip = 1.0
-
-        def train(self) -> None:
-            resumed.step()
-
-    module.Trainer = Trainer  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fake_trainer_module", module)
-    fake = frameworks.FrameworkClipping(
-        name="Fake",
-        trainer_classes=(("fake_trainer_module", "Trainer"),),
-        clip_value=lambda trainer: trainer.clip,
-        setting="Trainer(clip=...)",
-        fix="pass clip=None",
-    )
-    monkeypatch.setattr(frameworks, "FRAMEWORKS", (fake,))
-    _backward(model, 1)
-    with pytest.raises(distclip.FrameworkClippingError, match="Fake clips"):
-        Trainer().train()
-    assert resumed.clipper.num_steps == 1
