@@ -123,6 +123,8 @@ def full_params(module: Any, *, deepspeed: bool) -> Any:
         return flat_params(module)
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return torch.cat(
-        [safe_get_full_fp32_param(p).detach().float().reshape(-1) for p in module.parameters()]
-    )
+    pieces = []
+    for param in module.parameters():
+        full = safe_get_full_fp32_param(param)  # None without ZeRO (the module holds it)
+        pieces.append((param if full is None else full).detach().float().reshape(-1))
+    return torch.cat(pieces)

@@ -10,7 +10,7 @@ the concatenation of both ranks' batches of every step (1e-6 relative, fp32):
   turned off (one warning, rank 0 only) with it;
 * DeepSpeed (``TrainingArguments(deepspeed=...)``, ``gradient_clipping: "auto"``, i.e.
   HF's 1.0): ``distclip.hf.attach`` clips the engine with the config's ``"distclip"``
-  section (ZeRO-2) or with the method it is given (ZeRO-3), before the Trainer loads
+  section (ZeRO-0 fp32, ZeRO-2) or with the method it is given (ZeRO-3), before the Trainer loads
   ``resume_from_checkpoint``; ``get_clipper`` and ``last_clip`` through HF's
   ``DeepSpeedOptimizerWrapper``; a distclip optimizer class under DeepSpeed refused,
   with and without the integration.
@@ -40,6 +40,7 @@ RESUMED: dict[str, dict[str, Any]] = {
     "ddp-class": {"path": "class"},
     "ddp-integration": {"path": "integration", "max_grad_norm": None},
     "ddp-callback": {"path": "callback"},
+    "zero0": {"zero": 0, "method": None, "options": {}, "section": SECTION, "max_grad_norm": None},
     "zero2": {"zero": 2, "method": None, "options": {}, "section": SECTION, "max_grad_norm": None},
     "zero3": {"zero": 3, "max_grad_norm": None},
 }
@@ -109,16 +110,19 @@ def test_default_max_grad_norm_is_refused_on_every_rank(
         assert run["records"] == []
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3"])
+@pytest.mark.parametrize(
+    ("name", "chain"),
+    [
+        ("zero0", "DeepSpeedOptimizerWrapper -> SGD"),
+        ("zero2", "DeepSpeedOptimizerWrapper -> DistClipDeepSpeedZeroOptimizer -> SGD"),
+        ("zero3", "DeepSpeedOptimizerWrapper -> DistClipDeepSpeedZeroOptimizer_Stage3 -> SGD"),
+    ],
+)
 def test_deepspeed_engine_clipper_is_reached_through_hf_wrappers(
-    runs: dict[str, list[dict[str, Any]]], name: str
+    runs: dict[str, list[dict[str, Any]]], name: str, chain: str
 ) -> None:
     for run in ok(runs[name]):
-        stage = "_Stage3" if name == "zero3" else ""
-        assert (
-            run["chain"]
-            == f"DeepSpeedOptimizerWrapper -> DistClipDeepSpeedZeroOptimizer{stage} -> SGD"
-        )
+        assert run["chain"] == chain
         assert run["engine_adapter_clipper"]
         assert run["engine_get_clipper"]
         assert "is a DeepSpeed optimizer" in run["attach_refused"]
