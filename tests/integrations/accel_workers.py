@@ -168,7 +168,10 @@ def _train(
 def fsdp1_layout_run(steps: int = 4) -> dict[str, Any]:
     """FSDP1 (torch's, on gloo) + ``layout_model`` + ``distclip.attach``: norms and thresholds.
 
-    Rank ``r`` trains samples ``8 * step + 4 * r ... + 3`` at each step.
+    Rank ``r`` trains samples ``8 * step + 4 * r ... + 3`` at each step. Then the
+    optimizer state goes through FSDP1's ``optim_state_dict`` /
+    ``optim_state_dict_to_load`` (Accelerate's FSDP1 ``save_state`` / ``load_state``) into
+    a fresh attached optimizer.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -198,6 +201,16 @@ def fsdp1_layout_run(steps: int = 4) -> dict[str, Any]:
         for step in range(steps)
     ]
     out["finite"] = all(math.isfinite(r["threshold"]) for r in records)
+    # What Accelerate's save_state / load_state do for FSDP1's optimizer (full state).
+    saved = FullyShardedDataParallel.optim_state_dict(fsdp, optimizer)
+    out["saved_has_clipper"] = "distclip" in saved["param_groups"][0]
+    fresh = torch.optim.SGD(fsdp.parameters(), lr=LR)
+    fresh_handle = distclip.attach(fresh, METHOD, model=root, **OPTIONS)
+    fresh.load_state_dict(FullyShardedDataParallel.optim_state_dict_to_load(fsdp, fresh, saved))
+    out["window"] = handle.clipper.window.chronological().tolist()
+    out["loaded_window"] = fresh_handle.clipper.window.chronological().tolist()
+    out["loaded_steps"] = fresh_handle.clipper.num_steps
     handle.remove()
-    del fsdp, optimizer
+    fresh_handle.remove()
+    del fsdp, optimizer, fresh
     return out

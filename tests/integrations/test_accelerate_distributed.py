@@ -13,7 +13,8 @@ concatenation of both ranks' batches of every step (1e-6 relative, fp32):
   ``DeepSpeedOptimizerWrapper``, a distclip optimizer handed to DeepSpeed refused;
 * FSDP1 (torch's, directly: Accelerate 1.15 enables its FSDP plugin only on GPUs): the
   root that :func:`distclip.accelerate.layout_model` finds gives the plain loop's
-  thresholds.
+  thresholds, and the window survives FSDP1's ``optim_state_dict`` round trip (what
+  Accelerate's FSDP1 ``save_state`` / ``load_state`` use).
 """
 
 from __future__ import annotations
@@ -116,3 +117,7 @@ def test_fsdp1_root_found_for_the_optimizer_gives_the_plain_loop(
     assert rank0["records"] == rank1["records"]
     reference = reference_run(rank0["batches"])
     assert max_rel_diff(thresholds(rank0), reference["threshold"]) <= RTOL
+    for run in (rank0, rank1):  # the window through FSDP1's optimizer state dict
+        assert run["saved_has_clipper"]
+        assert run["loaded_window"] == run["window"]
+        assert run["loaded_steps"] == len(run["records"])
