@@ -49,12 +49,17 @@ from torch.optim import Optimizer
 
 from distclip.clippers import resolve_method
 from distclip.errors import FrameworkClippingError
-from distclip.integrations.binding import OptimizerBinding
+from distclip.integrations.binding import binding_of
 from distclip.integrations.frameworks import GUARD_ATTR
 from distclip.integrations.hooks import ClipHandle
 from distclip.integrations.hooks import attach as attach_optimizer
 from distclip.integrations.optimizer import ClippedOptimizerMixin
-from distclip.integrations.wrappers import describe_chain, is_deepspeed_wrapper, wrapper_chain
+from distclip.integrations.wrappers import (
+    describe_chain,
+    is_deepspeed_wrapper,
+    unwrap,
+    wrapper_chain,
+)
 
 __all__ = ["DEFAULT_METHOD", "AccelerateHandle", "attach", "layout_model"]
 
@@ -64,7 +69,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_METHOD = "autoclip"
 
 #: Where :func:`attach` keeps its handle on the accelerator.
-_HANDLE_ATTR = "_distclip"
+_HANDLE_ATTR = "_distclip_accelerate"
 
 #: The accelerator methods :func:`attach` wraps on the instance.
 _WRAPPED = ("prepare", "clip_grad_norm_", "clip_grad_value_")
@@ -78,11 +83,6 @@ def _accelerator_class() -> type | None:
 
 def _is_deepspeed(accelerator: Any) -> bool:
     return str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1] == "DEEPSPEED"
-
-
-def _binding_of(optimizer: Any) -> OptimizerBinding | None:
-    binding = getattr(optimizer, "__dict__", {}).get("_distclip")
-    return binding if isinstance(binding, OptimizerBinding) else None
 
 
 def layout_model(models: Iterable[Any], optimizer: Optimizer) -> torch.nn.Module | None:
@@ -193,7 +193,7 @@ class AccelerateHandle:
             if not isinstance(obj, Optimizer):
                 continue
             chain = wrapper_chain(obj)
-            if any(isinstance(o, ClippedOptimizerMixin) or _binding_of(o) for o in chain):
+            if any(isinstance(o, ClippedOptimizerMixin) or binding_of(o) for o in chain):
                 raise FrameworkClippingError(
                     f"distclip.accelerate: {describe_chain(chain)} clips with distclip, but "
                     "under DeepSpeed the engine computes the norm and clips (and partitions "
@@ -206,7 +206,7 @@ class AccelerateHandle:
         ids: set[int] = set()
         for prepared in getattr(self.accelerator, "_optimizers", []):
             for obj in wrapper_chain(prepared):
-                if _binding_of(obj) is not None:
+                if binding_of(obj) is not None:
                     ids.update(id(p) for group in obj.param_groups for p in group["params"])
         return ids
 
@@ -238,10 +238,8 @@ class AccelerateHandle:
             self._take_optimizer(prepared)
 
     def _take_optimizer(self, prepared: Any) -> None:
-        from distclip.integrations.wrappers import unwrap
-
         inner = unwrap(prepared)
-        binding = _binding_of(inner)
+        binding = binding_of(inner)
         if binding is None:
             model = layout_model(getattr(self.accelerator, "_models", []), inner)
             handle = attach_optimizer(

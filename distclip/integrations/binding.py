@@ -37,6 +37,7 @@ __all__ = [
     "OptimizerBinding",
     "SkipToken",
     "adopt_stray_state",
+    "binding_of",
     "evaluate_closure",
     "uses_fused_step",
 ]
@@ -47,6 +48,16 @@ logger = logging.getLogger(__name__)
 STATE_KEY = "distclip"
 
 _DCP_STATE_DICT_MODULE = "torch.distributed.checkpoint.state_dict"
+
+
+def binding_of(optimizer: Any) -> OptimizerBinding | None:
+    """The :class:`OptimizerBinding` of an optimizer that clips with distclip, else ``None``.
+
+    Looked up in the instance's own ``__dict__`` (a wrapper that forwards attribute
+    reads does not count), where :func:`distclip.attach` and ``ClippedOptimizer`` keep it.
+    """
+    binding = getattr(optimizer, "__dict__", {}).get("_distclip")
+    return binding if isinstance(binding, OptimizerBinding) else None
 
 
 def evaluate_closure(closure: Any) -> Any:

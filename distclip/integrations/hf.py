@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 #: Prefix of distclip's keys in the Trainer's logs (``distclip/threshold``, ...).
 LOG_PREFIX = "distclip/"
 
-_HANDLE_ATTR = "_distclip"
+_HANDLE_ATTR = "_distclip_hf"
 
 
 def _trainer_class() -> type | None:
@@ -143,19 +143,36 @@ class TrainerHandle:
             del trainer.__dict__[_HANDLE_ATTR]
 
 
-def _refuse_clipped_optimizer_under_deepspeed(trainer: Any) -> None:
+def _given_clipped_optimizer(trainer: Any) -> str | None:
+    """The name of the distclip optimizer (class) the Trainer was given, if any."""
     given = getattr(trainer, "optimizer_cls_and_kwargs", None)
     cls = given[0] if isinstance(given, tuple) and given else None
+    if isinstance(cls, type) and issubclass(cls, ClippedOptimizerMixin):
+        return cls.__name__
     optimizer = getattr(trainer, "optimizer", None)
-    if (isinstance(cls, type) and issubclass(cls, ClippedOptimizerMixin)) or isinstance(
-        optimizer, ClippedOptimizerMixin
-    ):
+    if isinstance(optimizer, ClippedOptimizerMixin):
+        return type(optimizer).__name__
+    return None
+
+
+def _check_given_optimizer(trainer: Any, method: str | None, options: dict[str, Any]) -> None:
+    """Refuse, before anything changes, what the Trainer's own optimizer rules out."""
+    given = _given_clipped_optimizer(trainer)
+    if given is None:
+        return
+    if getattr(trainer, "is_deepspeed_enabled", False):
         raise FrameworkClippingError(
             "distclip.hf: the Trainer's optimizer clips with distclip, but under DeepSpeed the "
             "engine computes the norm and clips (and partitions the gradients) before the "
             "optimizer steps. Give the Trainer a plain optimizer: distclip clips the engine "
             'with the DeepSpeed config\'s "distclip" section, or the method passed to '
             "distclip.hf.attach."
+        )
+    if method is not None or options:
+        raise ValueError(
+            f"distclip.hf: the Trainer's optimizer ({given}) already clips with distclip; "
+            "call distclip.hf.attach(trainer) without a method and options to keep it, or "
+            "give the Trainer a plain optimizer class"
         )
 
 
@@ -183,7 +200,8 @@ def attach(
     Raises:
         TypeError: ``trainer`` is not a ``transformers.Trainer``; a bad method or option
             (see :func:`distclip.accelerate.attach`).
-        ValueError: already attached; an unknown method or an option out of range.
+        ValueError: already attached; an unknown method or an option out of range; a
+            method or options for a Trainer whose optimizer (class) already clips.
         FrameworkClippingError: under DeepSpeed, the Trainer's optimizer (class)
             already clips with distclip.
     """
@@ -196,8 +214,7 @@ def attach(
             "first to attach again with other options"
         )
     deepspeed = bool(getattr(trainer, "is_deepspeed_enabled", False))
-    if deepspeed:
-        _refuse_clipped_optimizer_under_deepspeed(trainer)
+    _check_given_optimizer(trainer, method, options)
     accelerator: Any = getattr(trainer, "accelerator", None)
     accelerate = attach_accelerator(
         accelerator, method, allow_unverified=allow_unverified, **options

@@ -13,7 +13,12 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from distclip.clippers import Clipper, make_clipper
-from distclip.integrations.binding import OptimizerBinding, adopt_stray_state, evaluate_closure
+from distclip.integrations.binding import (
+    OptimizerBinding,
+    adopt_stray_state,
+    binding_of,
+    evaluate_closure,
+)
 from distclip.integrations.frameworks import check_framework_clipping
 from distclip.integrations.optimizer import (
     ClippedOptimizerMixin,
@@ -196,11 +201,10 @@ def get_clipper(optimizer: Any) -> Clipper:
     """
     chain = wrapper_chain(optimizer)
     for obj in chain:
-        attributes = getattr(obj, "__dict__", {})
-        binding = attributes.get("_distclip")
-        if isinstance(binding, OptimizerBinding):
+        binding = binding_of(obj)
+        if binding is not None:
             return binding.clipper
-        adapter = attributes.get(ENGINE_ADAPTER_ATTR)
+        adapter = getattr(obj, "__dict__", {}).get(ENGINE_ADAPTER_ATTR)
         if isinstance(getattr(adapter, "clipper", None), Clipper):
             return adapter.clipper  # type: ignore[no-any-return,union-attr]
     raise ValueError(

@@ -134,7 +134,12 @@ def accel_run(spec: dict[str, Any]) -> dict[str, Any]:
             handle.remove()
             out["removed"] = all(
                 name not in accelerator.__dict__
-                for name in ("prepare", "clip_grad_norm_", "clip_grad_value_", "_distclip")
+                for name in (
+                    "prepare",
+                    "clip_grad_norm_",
+                    "clip_grad_value_",
+                    "_distclip_accelerate",
+                )
             )
         del accelerator, model, optimizer
     out["warnings"] = [m for m in capture.messages if m.startswith("distclip")]

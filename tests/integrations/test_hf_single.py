@@ -23,6 +23,7 @@ from typing import Any
 
 import hf_workers
 import pytest
+import torch
 from integ_checks import RTOL, check_against_reference, check_resumed, ok, thresholds
 from integ_setup import max_rel_diff
 
@@ -63,6 +64,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
             )
         )
     specs += [
+        _spec("class+integration", root, path="class+integration", max_grad_norm=None),
         _spec("gas2", root, path="integration", gas=2, steps=6),
         _spec("class-default-max-grad-norm", root, path="class", max_grad_norm=None),
         _spec("callback-default-max-grad-norm", root, path="callback", max_grad_norm=None),
@@ -75,7 +77,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     return out
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [*PATHS, "class+integration"])
 def test_thresholds_and_parameters_equal_the_plain_loop(
     runs: dict[str, dict[str, Any]], path: str
 ) -> None:
@@ -186,6 +188,15 @@ def test_attach_refuses_bad_input_before_changing_anything(tmp_path: Path) -> No
             distclip.hf.attach(trainer, "autoclip", q=2.0)
         assert trainer.args.max_grad_norm == 1.0
         assert "prepare" not in trainer.accelerator.__dict__
+        given = distclip.AutoClippedOptimizer(torch.optim.SGD)
+        with_class = Trainer(
+            model=TinyNet(),
+            args=args,
+            train_dataset=IndexedData(),
+            optimizer_cls_and_kwargs=(given, {"lr": 0.1}),
+        )
+        with pytest.raises(ValueError, match=r"optimizer \(AutoClippedSGD\) already clips"):
+            distclip.hf.attach(with_class, "autoclip", q=0.2)
         handle = distclip.hf.attach(trainer, "norm", max_norm=2.0)
         with pytest.raises(ValueError, match="already called on this Trainer"):
             distclip.hf.attach(trainer)
@@ -193,4 +204,4 @@ def test_attach_refuses_bad_input_before_changing_anything(tmp_path: Path) -> No
         handle.remove()
         assert trainer.args.max_grad_norm == 1.0
         assert "prepare" not in trainer.accelerator.__dict__
-        del trainer
+        del trainer, with_class
