@@ -13,7 +13,11 @@ Entry points:
 * :func:`get_total_norm`, :func:`clip_grad_norm_`: layout-correct drop-ins for
   torch's functions of the same names;
 * :class:`MetricsWriter`, :func:`read_metrics`: the per-step record as JSON lines,
-  drawn by ``python -m distclip.plot``.
+  drawn by ``python -m distclip.plot``;
+* ``distclip.deepspeed``, ``distclip.hf``, ``distclip.accelerate``,
+  ``distclip.lightning``: DeepSpeed engines, the Hugging Face Trainer, Accelerate
+  and PyTorch Lightning (imported on first access; none of them imports its
+  framework).
 """
 
 import importlib as _importlib
@@ -89,12 +93,15 @@ __all__ = [
 ]
 
 
-#: Integration modules imported on first access; none imports its framework on import.
-_LAZY_MODULES = ("deepspeed", "lightning")
+#: The integration modules, imported on first access as ``distclip.<name>``.
+_INTEGRATIONS = ("deepspeed", "hf", "accelerate", "lightning")
 
 
 def __getattr__(name: str) -> _ModuleType:
-    """``distclip.deepspeed`` and ``distclip.lightning``, imported on first access."""
-    if name in _LAZY_MODULES:
+    """``distclip.deepspeed`` / ``.hf`` / ``.accelerate`` / ``.lightning``, on first access.
+
+    None of them imports its framework (DeepSpeed, transformers, accelerate, Lightning).
+    """
+    if name in _INTEGRATIONS:
         return _importlib.import_module(f"distclip.{name}")
     raise AttributeError(f"module 'distclip' has no attribute {name!r}")

@@ -29,13 +29,15 @@ from torch.optim import Optimizer
 from distclip.clippers import Clipper, ClipStats
 from distclip.functional._compile import eager_only
 from distclip.functional.scaling import scale_
-from distclip.integrations.frameworks import check_framework_clipping
+from distclip.integrations.frameworks import check_first_step
+from distclip.integrations.wrappers import LastClipMirrors
 
 __all__ = [
     "STATE_KEY",
     "OptimizerBinding",
     "SkipToken",
     "adopt_stray_state",
+    "binding_of",
     "evaluate_closure",
     "uses_fused_step",
 ]
@@ -46,6 +48,16 @@ logger = logging.getLogger(__name__)
 STATE_KEY = "distclip"
 
 _DCP_STATE_DICT_MODULE = "torch.distributed.checkpoint.state_dict"
+
+
+def binding_of(optimizer: Any) -> OptimizerBinding | None:
+    """The :class:`OptimizerBinding` of an optimizer that clips with distclip, else ``None``.
+
+    Looked up in the instance's own ``__dict__`` (a wrapper that forwards attribute
+    reads does not count), where :func:`distclip.attach` and ``ClippedOptimizer`` keep it.
+    """
+    binding = getattr(optimizer, "__dict__", {}).get("_distclip")
+    return binding if isinstance(binding, OptimizerBinding) else None
 
 
 def evaluate_closure(closure: Any) -> Any:
@@ -133,6 +145,8 @@ class OptimizerBinding:
         self._armed: SkipToken | None = None
         #: A ``GradScaler``'s ``grad_scale`` that :meth:`before_step` divided out.
         self._unscaled_from: Tensor | None = None
+        #: Framework wrappers around the optimizer that get ``last_clip`` too.
+        self.mirrors = LastClipMirrors()
 
     @staticmethod
     def _signature(optimizer: Optimizer) -> tuple[int, ...]:
@@ -170,15 +184,19 @@ class OptimizerBinding:
     # optimizer run eagerly under torch.compile; clip_ itself is still compiled.
     @eager_only(recursive=False)
     def before_step(self, optimizer: Optimizer) -> ClipStats | None:
-        """Clip before the update and record ``optimizer.last_clip``.
+        """Clip before the update and record ``optimizer.last_clip`` (and on its mirrors).
 
+        The first call also runs :func:`~distclip.integrations.frameworks.check_first_step`
+        (framework clipping, DeepSpeed around the optimizer) and registers the
+        framework wrappers found stepping the optimizer as mirrors of ``last_clip``.
         Returns ``None`` (and clips nothing) for the state-initialisation step of
         ``torch.distributed.checkpoint``.
         """
         if _in_dcp_state_init():
             return None
-        if self.clipper.num_steps == 0 and not self._framework_checked:
-            check_framework_clipping(self.clipper.method)
+        if not self._framework_checked:  # the first step of this binding (resumed or not)
+            for wrapper in check_first_step(optimizer, self.clipper.method):
+                self.mirrors.add(wrapper)
             self._framework_checked = True
         self.refresh_params(optimizer)
         self._unscale_amp_grads(optimizer)
@@ -187,6 +205,7 @@ class OptimizerBinding:
         stats = self.clipper.clip_(defer_scale=fold)
         self._folded_coef = self.clipper.deferred_coef if fold else None
         optimizer.last_clip = stats  # type: ignore[attr-defined]
+        self.mirrors.publish(stats)
         return stats
 
     @eager_only()

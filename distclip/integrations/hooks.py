@@ -13,14 +13,24 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from distclip.clippers import Clipper, make_clipper
-from distclip.integrations.binding import OptimizerBinding, adopt_stray_state, evaluate_closure
+from distclip.integrations.binding import (
+    OptimizerBinding,
+    adopt_stray_state,
+    binding_of,
+    evaluate_closure,
+)
 from distclip.integrations.frameworks import check_framework_clipping
 from distclip.integrations.optimizer import (
     ClippedOptimizerMixin,
     check_param_groups,
     check_state_dict_type,
 )
-from distclip.integrations.wrappers import describe_chain, unwrap, wrapper_chain
+from distclip.integrations.wrappers import (
+    ENGINE_ADAPTER_ATTR,
+    describe_chain,
+    unwrap,
+    wrapper_chain,
+)
 
 __all__ = ["ClipHandle", "attach", "get_clipper"]
 
@@ -181,18 +191,25 @@ def get_clipper(optimizer: Any) -> Clipper:
     or as a framework's wrapper around it (anything exposing the real optimizer as
     ``.optimizer``: Accelerate's ``AcceleratedOptimizer``, Lightning's
     ``LightningOptimizer``): ``distclip.get_clipper(opt).last_stats`` is the
-    ``last_clip`` of the optimizer that clips.
+    ``last_clip`` of the optimizer that clips. Under DeepSpeed, the optimizer of an
+    engine that :mod:`distclip.deepspeed` clips, any wrapper around it (HF Trainer's
+    and Accelerate's ``DeepSpeedOptimizerWrapper``) and the engine itself give the
+    engine adapter's clipper.
 
     Raises:
         ValueError: no optimizer along the wrapper chain clips with distclip.
     """
     chain = wrapper_chain(optimizer)
     for obj in chain:
-        binding = getattr(obj, "__dict__", {}).get("_distclip")
-        if isinstance(binding, OptimizerBinding):
+        binding = binding_of(obj)
+        if binding is not None:
             return binding.clipper
+        adapter = getattr(obj, "__dict__", {}).get(ENGINE_ADAPTER_ATTR)
+        if isinstance(getattr(adapter, "clipper", None), Clipper):
+            return adapter.clipper  # type: ignore[no-any-return,union-attr]
     raise ValueError(
         f"{describe_chain(chain)} does not clip with distclip; build it with "
         "distclip.ClippedOptimizer(...) or call distclip.attach(optimizer) first (a "
-        "DeepSpeed engine: distclip.deepspeed.get_adapter(engine).clipper)"
+        "DeepSpeed engine: distclip.deepspeed.attach(engine), or under HF Trainer / "
+        "Accelerate distclip.hf.attach(trainer) / distclip.accelerate.attach(accelerator))"
     )

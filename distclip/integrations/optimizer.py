@@ -107,7 +107,22 @@ class ClippedOptimizerMixin:
             *args, **kwargs: what the base optimizer class takes.
             model: the FSDP1 root module when FSDP1 manages the parameters.
             pipeline_groups: process group(s) summing the pipeline stages' norms.
+
+        Raises:
+            TypeError: the parameters are a ``torch.nn.Module`` (HF Trainer passes the
+                ``"model"`` entry of ``optimizer_cls_and_kwargs`` as the parameters).
         """
+        params = args[0] if args else kwargs.get("params")
+        if isinstance(params, torch.nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} got a torch.nn.Module ({type(params).__name__}) as "
+                "its parameters. HF Trainer takes the 'model' entry of "
+                "optimizer_cls_and_kwargs for itself and passes it as the parameters, so "
+                "distclip's model= keyword (the FSDP1 root) cannot go there. Pass "
+                "model.parameters() (with model=... outside HF Trainer); under HF Trainer, "
+                "use a plain optimizer class and distclip.hf.attach(trainer, method, ...), "
+                "which gives distclip the FSDP1 root the Trainer wraps."
+            )
         super().__init__(*args, **kwargs)
         check_param_groups(self.param_groups)
         clipper = self._distclip_clipper_cls.from_config(

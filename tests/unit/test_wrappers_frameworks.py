@@ -192,6 +192,21 @@ def test_a_trainer_held_by_an_integration_is_checked_directly(fake_trainer_modul
     frameworks.check_trainer(object(), "zclip")  # no known framework's trainer
 
 
+def test_framework_clipping_is_refused_at_a_resumed_clippers_first_step(
+    fake_trainer_module: type,
+) -> None:
+    model = _model()
+    cls = distclip.AutoClippedOptimizer(torch.optim.SGD, window=3)
+    first = cls(model.parameters(), lr=0.1)
+    _step(model, first, 0)
+    resumed = cls(model.parameters(), lr=0.1)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.clipper.num_steps == 1
+    with pytest.raises(distclip.FrameworkClippingError, match="FakeFramework"):
+        fake_trainer_module(2.5).train(model, resumed)
+    assert resumed.clipper.num_steps == 1
+
+
 # ------------------------------------------------------------------ adoption
 def test_attach_adopts_a_clipper_state_loaded_into_the_plain_optimizer() -> None:
     model, resumed_model = _model(), _model()

@@ -215,8 +215,10 @@ def attach(
         distclip.deepspeed.attach(engine, "autoclip", q=0.2)  # or explicit options
 
     With Accelerate the engine is the model ``accelerator.prepare`` returns; with the HF
-    Trainer it is ``trainer.model_wrapped`` once training has started (neither is
-    exercised by distclip's tests).
+    Trainer it is ``trainer.model_wrapped`` once training has started. Their own
+    checkpoints are loaded before user code runs again, so attach through
+    :func:`distclip.accelerate.attach` / :func:`distclip.hf.attach` instead: they call
+    this right after ``deepspeed.initialize``, before any checkpoint is loaded.
 
     Args:
         engine: a ``deepspeed.DeepSpeedEngine``.

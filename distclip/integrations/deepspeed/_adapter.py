@@ -14,6 +14,7 @@ from distclip.clippers import AGC, Clipper, ClipStats, LayerWiseClip
 from distclip.clippers.elementwise import ValueClip
 from distclip.integrations.deepspeed._config import SECTION_KEY, ClipSection
 from distclip.integrations.deepspeed._hooks import InstalledHook
+from distclip.integrations.wrappers import ENGINE_ADAPTER_ATTR, LastClipMirrors
 
 __all__ = ["STATE_KEY", "DeepSpeedClipAdapter"]
 
@@ -55,6 +56,11 @@ class DeepSpeedClipAdapter:
             ``"engine.optimizer.step"``; ``layer_wise`` / ``agc`` act at
             ``"<wrapper>.optimizer.step"`` or ``"engine.clip_fp32_gradients"``.
         section: the validated configuration the clipper was built from.
+        mirrors: wrappers around the engine's optimizer (HF Trainer's and Accelerate's
+            ``DeepSpeedOptimizerWrapper``) that get ``last_clip`` after every step.
+
+    While attached, the engine's optimizer carries a pointer to the adapter, so that
+    :func:`distclip.get_clipper` finds :attr:`clipper` from any wrapper around it.
     """
 
     def __init__(
@@ -76,12 +82,20 @@ class DeepSpeedClipAdapter:
         self._hook: InstalledHook | None = None
         self._hooked_optimizer: Any = None
         self._reinstall: Callable[[], InstalledHook] | None = None
+        self.mirrors = LastClipMirrors()
 
     def _set_hook(self, install: Callable[[], InstalledHook]) -> None:
         """Install the step hook with ``install`` (kept to re-install it if it gets lost)."""
         self._reinstall = install
         self._hook = install()
+        self._unmark()
         self._hooked_optimizer = self.engine.optimizer
+        self._hooked_optimizer.__dict__[ENGINE_ADAPTER_ATTR] = self
+
+    def _unmark(self) -> None:
+        hooked = self._hooked_optimizer
+        if hooked is not None and hooked.__dict__.get(ENGINE_ADAPTER_ATTR) is self:
+            del hooked.__dict__[ENGINE_ADAPTER_ATTR]
 
     @property
     def hooked(self) -> bool:
@@ -121,6 +135,7 @@ class DeepSpeedClipAdapter:
         else:
             stats = self.clipper.observe_(total_norm)
         self.last_clip = stats
+        self.mirrors.publish(stats)
         return stats
 
     # ------------------------------------------------------------ checkpoints
@@ -196,6 +211,7 @@ class DeepSpeedClipAdapter:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        self._unmark()
         self._reinstall = None
         if self.engine.__dict__.get("distclip") is self:
             del self.engine.__dict__["distclip"]
