@@ -506,7 +506,11 @@ def _install_wrapper_hook(
         inner_apply = _clamp_apply(clamp)
     elif fragments is not None:
         inner_apply = FragmentClip(optimizer, wrapper, fragments)
-    if getattr(optimizer, "check_grad_overflow", True) is False:
+    if (
+        getattr(optimizer, "dtype", None) is torch.bfloat16
+        and getattr(optimizer, "check_grad_overflow", True) is False
+    ):
+        # (fp32 ZeRO runs with the flag off too: there the norm check catches NaN/inf.)
         logger.warning(
             "distclip: DeepSpeed's %s runs with bf16.check_grad_overflow off, so it applies "
             "steps whose global norm is not finite; distclip keeps such norms out of its "
