@@ -319,13 +319,16 @@ class LayerWiseClip(Clipper):
             all_reduce: sums a 1-D tensor over the ranks (``None``: no reduction).
 
         Raises:
-            ValueError: ``norm_type`` is inf (power sums would need a MAX reduction).
+            ValueError: ``norm_type`` is not a finite p > 0 (``all_reduce`` sums).
             RuntimeError: no step was opened by :meth:`observe_fragments_`.
         """
         step = fragment_step(self)
         norm_type = self.config.norm_type
-        if math.isinf(norm_type):
-            raise ValueError("distclip layer_wise: clip_fragments_ needs a finite norm_type")
+        if not 0.0 < norm_type < math.inf:
+            raise ValueError(
+                "distclip layer_wise: clip_fragments_ needs a finite norm_type p > 0 (its "
+                f"all_reduce sums power sums), got {norm_type}"
+            )
         units, num_units = plan
         present = [i for i, f in enumerate(fragments) if grads[f.buffer] is not None]
         pieces = [

@@ -3,10 +3,26 @@
 A p-norm over many tensors, possibly spread over many processes, is computed in two
 steps so that partial results can be combined exactly:
 
-* ``powsum = sum_i ||g_i||_p ** p`` (or ``max_i ||g_i||_inf`` for ``p = inf``) over the
-  tensors one process holds, accumulated in float32 (float64 if any input is float64);
-* partial power sums are added (or maxed) across processes, and the root
-  ``powsum ** (1 / p)`` is taken once, at the end.
+* ``powsum = sum_i ||g_i||_p ** p`` over the tensors one process holds, accumulated in
+  float32 (float64 if any input is float64);
+* partial power sums are combined across processes, and the root ``powsum ** (1 / p)``
+  is taken once, at the end.
+
+Every ``p`` torch accepts has a power sum that combines exactly (:func:`reduce_op`):
+
+=========  ===============================  =======  ===========  ==============
+``p``      power sum of one element ``x``   combine  identity     root
+=========  ===============================  =======  ===========  ==============
+``inf``    ``|x|``                          max      0            none
+``-inf``   ``|x|``                          min      ``+inf``     none
+``0``      ``1`` if ``x != 0`` else ``0``   sum      0            none
+other      ``|x| ** p`` (``|0| ** p = inf``  sum      0            ``** (1 / p)``
+           for ``p < 0``)
+=========  ===============================  =======  ===========  ==============
+
+``p = 0`` counts the non-zero elements of all tensors together (what "as if the
+tensors were concatenated into one vector" means); torch's ``get_total_norm`` instead
+returns the number of tensors that hold any non-zero element.
 
 Nothing here talks to other processes and nothing reads a value back to the host.
 """
@@ -14,6 +30,7 @@ Nothing here talks to other processes and nothing reads a value back to the host
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -29,25 +46,53 @@ __all__ = [
     "accumulation_dtype",
     "combine_powsums",
     "local_powsum",
+    "powsum_identity",
     "powsum_to_norm",
+    "reduce_op",
     "tensor_powsums",
     "validate_norm_type",
 ]
 
+#: Norm types whose power sums are combined by max (``inf``) or min (``-inf``).
+_EXTREMA = {math.inf: "max", -math.inf: "min"}
 
-def validate_norm_type(norm_type: float | int) -> float:
-    """Return ``norm_type`` as a float; raise if it is not a p > 0 or ``inf``.
+
+def validate_norm_type(norm_type: float | int | str) -> float:
+    """Return ``norm_type`` as a float, accepting every norm type torch's clipping does.
+
+    Any real ``p`` (``0`` and negative ones included), ``inf`` and ``-inf``, as a
+    number or as a string ``float()`` reads (``"inf"``, ``"-inf"``, ``"2"``).
 
     Raises:
-        TypeError: ``norm_type`` is not a real number.
-        ValueError: ``norm_type`` is not in (0, inf].
+        TypeError: ``norm_type`` is neither a real number nor a string (``True`` and
+            ``False`` are refused: they are not norm types).
+        ValueError: NaN, or a string that is not a number.
     """
-    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
-        raise TypeError(f"norm_type must be a real number p > 0 or float('inf'), got {norm_type!r}")
-    p = float(norm_type)
-    if math.isnan(p) or p <= 0.0:
-        raise ValueError(f"norm_type must be in (0, inf], got {norm_type!r}")
+    expected = "a real number p (0, negative, inf and -inf included) or a string such as 'inf'"
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (numbers.Real, str)):
+        raise TypeError(f"norm_type must be {expected}, got {norm_type!r}")
+    try:
+        p = float(norm_type)
+    except ValueError:
+        raise ValueError(f"norm_type must be {expected}, got {norm_type!r}") from None
+    if math.isnan(p):
+        raise ValueError(f"norm_type must be {expected}; NaN is not a norm type, got {norm_type!r}")
     return p
+
+
+def reduce_op(norm_type: float) -> str:
+    """How partial power sums of ``norm_type`` combine: ``"sum"``, ``"max"`` or ``"min"``."""
+    return _EXTREMA.get(norm_type, "sum")
+
+
+def powsum_identity(norm_type: float) -> float:
+    """The power sum of nothing: ``+inf`` for ``p = -inf`` (a min), else ``0``."""
+    return math.inf if norm_type == -math.inf else 0.0
+
+
+def _has_root(norm_type: float) -> bool:
+    """Whether the power sum of ``norm_type`` needs a root (not for 0, 1, inf, -inf)."""
+    return not (math.isinf(norm_type) or norm_type in (0.0, 1.0))
 
 
 def accumulation_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
@@ -56,10 +101,13 @@ def accumulation_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
 
 
 def _powsum_of_norms(norms: Tensor, norm_type: float) -> Tensor:
-    """``sum(norms ** p)``, or ``max(norms)`` for ``p = inf``; ``norms`` is 1-D."""
-    if math.isinf(norm_type):
+    """``sum(norms ** p)`` (max / min for ``p = +-inf``, sum for 0 and 1); ``norms`` is 1-D."""
+    op = reduce_op(norm_type)
+    if op == "max":
         return norms.amax()
-    if norm_type == 1.0:
+    if op == "min":
+        return norms.amin()
+    if not _has_root(norm_type):
         return norms.sum()
     if norm_type == 2.0:
         return torch.dot(norms, norms)
@@ -90,14 +138,14 @@ def local_powsum(
 ) -> Tensor:
     """Power sum of the p-norm over ``tensors``, as a 0-dim tensor on ``device``.
 
-    ``sum_i ||t_i||_p ** p`` for finite p, ``max_i ||t_i||_inf`` for ``p = inf``; an
-    empty list gives 0. Tensors are grouped by (device, dtype) and each group's
-    per-tensor norms come from one ``torch._foreach_norm`` call (``foreach=None``
-    uses it where the device supports it; ``False`` uses one ``vector_norm`` per
-    tensor). Norms are accumulated in ``dtype`` (so bf16/fp16 gradients are summed
-    in float32). Empty tensors contribute nothing (the inf-norm of an empty tensor
-    has no identity, so they are dropped rather than passed to the kernel).
-    No host synchronisation.
+    ``sum_i ||t_i||_p ** p`` (see the module docstring for 0 and +-inf); an empty
+    list gives the identity (:func:`powsum_identity`). Tensors are grouped by
+    (device, dtype) and each group's per-tensor norms come from one
+    ``torch._foreach_norm`` call (``foreach=None`` uses it where the device supports
+    it; ``False`` uses one ``vector_norm`` per tensor). Norms are accumulated in
+    ``dtype`` (so bf16/fp16 gradients are summed in float32). Empty tensors
+    contribute nothing (the +-inf-norms of an empty tensor have no identity, so they
+    are dropped rather than passed to the kernel). No host synchronisation.
     """
     parts: list[Tensor] = []
     nonempty = [t for t in tensors if t.numel() > 0]
@@ -105,7 +153,7 @@ def local_powsum(
         norms = _norms(group, group_device, norm_type, dtype, foreach)
         parts.append(_powsum_of_norms(norms, norm_type).to(device, dtype))
     if not parts:
-        return torch.zeros((), device=device, dtype=dtype)
+        return torch.full((), powsum_identity(norm_type), device=device, dtype=dtype)
     return combine_powsums(parts, norm_type)
 
 
@@ -119,16 +167,16 @@ def tensor_powsums(
 ) -> Tensor:
     """Each tensor's own power sum ``||t_i||_p ** p`` (``max |t_i|`` for inf), as a 1-D tensor.
 
-    Entry i belongs to ``tensors[i]``; an empty tensor gives 0. Norms come from one
-    ``torch._foreach_norm`` per (device, dtype) group, accumulated in ``dtype``.
-    No host synchronisation.
+    Entry i belongs to ``tensors[i]``; an empty tensor gives the identity
+    (:func:`powsum_identity`). Norms come from one ``torch._foreach_norm`` per
+    (device, dtype) group, accumulated in ``dtype``. No host synchronisation.
     """
-    out = torch.zeros(len(tensors), device=device, dtype=dtype)
+    out = torch.full((len(tensors),), powsum_identity(norm_type), device=device, dtype=dtype)
     nonempty = [i for i, t in enumerate(tensors) if t.numel() > 0]
     chosen = [tensors[i] for i in nonempty]
     for group_device, group, indices in group_indices_by_device_and_dtype(chosen):
         norms = _norms(group, group_device, norm_type, dtype, foreach)
-        if not (math.isinf(norm_type) or norm_type == 1.0):
+        if _has_root(norm_type):
             norms = norms.pow(norm_type)
         positions = torch.tensor([nonempty[i] for i in indices], device=device)
         out.index_copy_(0, positions, norms.to(device, dtype))
@@ -136,16 +184,21 @@ def tensor_powsums(
 
 
 def combine_powsums(powsums: Sequence[Tensor], norm_type: float) -> Tensor:
-    """Combine partial power sums (0-dim, same device): a sum, or a max for inf."""
+    """Combine partial power sums (same shape and device): a sum, or a max / min for +-inf."""
     if len(powsums) == 1:
         return powsums[0]
     stacked = torch.stack(list(powsums))
-    return stacked.amax() if math.isinf(norm_type) else stacked.sum()
+    op = reduce_op(norm_type)
+    if op == "max":
+        return stacked.amax(dim=0)
+    if op == "min":
+        return stacked.amin(dim=0)
+    return stacked.sum(dim=0)
 
 
 def powsum_to_norm(powsum: Tensor, norm_type: float) -> Tensor:
-    """Take the root once: ``powsum ** (1 / p)`` (identity for ``p = inf``)."""
-    if math.isinf(norm_type) or norm_type == 1.0:
+    """Take the root once: ``powsum ** (1 / p)`` (identity for 0, 1, inf and -inf)."""
+    if not _has_root(norm_type):
         return powsum
     if norm_type == 2.0:
         return powsum.sqrt()

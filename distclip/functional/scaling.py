@@ -14,7 +14,7 @@ from torch import Tensor
 
 from distclip.functional._grouping import group_by_device_and_dtype, use_foreach
 
-__all__ = ["DEFAULT_EPS", "clip_coefficient", "scale_", "skip_aware_coefficient"]
+__all__ = ["DEFAULT_EPS", "clamp_", "clip_coefficient", "scale_", "skip_aware_coefficient"]
 
 #: Added to the norm in the denominator of every clip coefficient.
 DEFAULT_EPS = 1e-6
@@ -44,3 +44,20 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = No
         else:
             for t in group:
                 t.mul_(coef_on_device)
+
+
+def clamp_(tensors: Sequence[Tensor], bound: float, *, foreach: bool | None = None) -> None:
+    """Clamp every element of every tensor into ``[-bound, bound]``, in place.
+
+    Tensors are grouped by (device, dtype); each group gets one
+    ``torch._foreach_clamp_min_`` and one ``torch._foreach_clamp_max_`` where the
+    device supports them (``foreach=False``: a ``clamp_`` per tensor). Element by
+    element, so exact on any piece of a gradient; no communication, no host read.
+    """
+    for device, group in group_by_device_and_dtype(tensors):
+        if use_foreach(device, foreach):
+            torch._foreach_clamp_min_(group, -bound)
+            torch._foreach_clamp_max_(group, bound)
+        else:
+            for t in group:
+                t.clamp_(min=-bound, max=bound)
