@@ -1,12 +1,18 @@
 """The reduction plan: which gradient lives where, decided once per clipper.
 
 A plan groups the parameters by layout (see :mod:`distclip.reduction.layouts`): a
-replicated group, reduced by nobody, and one group per distinct process group that
-sharded gradients are reduced over. Each step it computes one local power sum per
-group (foreach kernels, fp32 accumulation), issues exactly one all-reduce per distinct
-process group (SUM, or MAX for the inf-norm), adds the replicated contribution once,
-all-reduces the result over the pipeline groups if any, and takes the root once.
-Every rank joins every collective whether or not it holds gradients this step.
+replicated group, reduced by nobody, and one group per distinct process group (or set
+of groups, for an explicit layout) that sharded gradients are reduced over. Each step
+it computes one local power sum per group (foreach kernels, fp32 accumulation), issues
+exactly one all-reduce per distinct process group (SUM; MAX for the inf-norm, MIN for
+-inf), adds the replicated contribution once, all-reduces the result over the pipeline
+groups if any, and takes the root once. Every rank joins every collective whether or
+not it holds gradients this step.
+
+A plan measures the gradients of its parameters (``of="grad"``, what the clippers
+use) or the tensors it was built from (``of="value"``: ``get_total_norm``'s
+contract, the tensors being gradients whose layout is read from the parameter that
+owns them).
 """
 
 from __future__ import annotations
@@ -24,14 +30,19 @@ from distclip.functional import (
     accumulation_dtype,
     combine_powsums,
     local_powsum,
+    powsum_identity,
     powsum_to_norm,
+    reduce_op,
     tensor_powsums,
 )
 from distclip.reduction.collectives import all_reduce_powsum
 from distclip.reduction.layouts import (
+    Placement,
     as_group_list,
+    check_layout_covers,
     classify,
     fsdp1_groups,
+    get_layout,
     is_dtensor,
     is_fsdp1_param,
     mesh_dims_in_use,
@@ -47,14 +58,85 @@ def _local(grad: Tensor) -> Tensor:
     return grad._local_tensor if is_dtensor(grad) else grad  # type: ignore[attr-defined, no-any-return]
 
 
+def _groups_of(process_group: Any) -> tuple[Any, ...]:
+    """The process groups a :class:`GradGroup` reduces over, in order (empty: none)."""
+    if process_group is None:
+        return ()
+    return process_group if isinstance(process_group, tuple) else (process_group,)
+
+
+def _reduce(powsum: Tensor, norm_type: float, process_group: Any) -> Tensor:
+    """All-reduce ``powsum`` over each group of ``process_group`` in turn."""
+    for group in _groups_of(process_group):
+        powsum = all_reduce_powsum(powsum, norm_type, group)
+    return powsum
+
+
+def _grad_owners(model: torch.nn.Module) -> dict[int, Tensor]:
+    """``id(grad)`` to the parameter that holds it, for every gradient of ``model`` now.
+
+    FSDP1's flat parameters are included (their gradients are what a user gathers
+    with ``use_orig_params=False``), so a gradient maps back to the parameter whose
+    layout it shares.
+    """
+    owners: dict[int, Tensor] = {}
+    for param in _model_params(model):
+        if param.grad is not None:
+            owners.setdefault(id(param.grad), param)
+    return owners
+
+
+def _model_params(model: torch.nn.Module) -> list[Tensor]:
+    """``model``'s parameters and FSDP1's flat parameters behind them, each once."""
+    params: list[Tensor] = list(model.parameters())
+    seen = {id(p) for p in params}
+    for module in model.modules():
+        flat = getattr(getattr(module, "_handle", None), "flat_param", None)
+        if isinstance(flat, Tensor) and id(flat) not in seen:
+            seen.add(id(flat))
+            params.append(flat)
+    return params
+
+
+def _padding_free_pieces(param: Tensor) -> tuple[tuple[int, int], ...] | None:
+    """``(offset, numel)`` of the real elements in an FSDP1 flat shard (``None``: not one).
+
+    FSDP1 pads its flat parameters with zeros (to split evenly, and to align the
+    original parameters with ``use_orig_params``). Zeros change no p > 0 norm, but
+    a negative p or ``-inf`` would see ``|0| ** p = inf`` or a minimum of 0: those
+    norms are taken over these pieces only.
+    """
+    if not getattr(param, "_is_flat_param", False):
+        return None
+    infos = getattr(param, "_shard_param_infos", None)
+    if infos is None:
+        return None
+    return tuple((i.offset_in_shard, i.numel_in_shard) for i in infos if i.in_shard)
+
+
+def _ranks_per_stage(pipeline_groups: Sequence[Any]) -> int:
+    """How many ranks one copy of the model spans: the world over the pipeline stages."""
+    stages = math.prod(dist.get_world_size(g) for g in pipeline_groups)
+    return dist.get_world_size() // stages
+
+
+def _group_key(placement: Placement) -> tuple[str, tuple[int, ...]]:
+    """Parameters with equal keys share one reduction (one all-reduce per distinct group)."""
+    groups = _groups_of(placement.process_group)
+    return (placement.kind if not groups else "sharded", tuple(map(id, groups)))
+
+
 @dataclass(frozen=True)
 class GradGroup:
     """Parameters whose power sums are reduced over one process group.
 
-    ``process_group`` is ``None`` for the replicated group (nothing to reduce).
-    ``params`` are all of them (every one is scaled). ``leader[i]``: this rank's
-    local part of ``params[i]`` enters the reduction (one copy of replicated data
-    does); ``shared[i]``: a tied copy, left out of the global norm.
+    ``process_group`` is ``None`` for the replicated group (nothing to reduce), one
+    process group, or a tuple of them reduced in turn (an explicit layout sharded
+    along several dimensions). ``params`` are all of them (every one is scaled).
+    ``leader[i]``: this rank's local part of ``params[i]`` enters the reduction (one
+    copy of replicated data does); ``shared[i]``: a tied copy, left out of the global
+    norm. ``of`` says what is measured and scaled: ``"grad"``, each parameter's
+    ``.grad``; ``"value"``, the tensors in ``params`` themselves (gradients).
     """
 
     kind: str
@@ -62,6 +144,20 @@ class GradGroup:
     leader: tuple[bool, ...]
     shared: tuple[bool, ...]
     process_group: Any = None
+    of: str = "grad"
+    #: Per parameter, the padding-free pieces of an FSDP1 flat shard (``None``: whole).
+    pieces: tuple[tuple[tuple[int, int], ...] | None, ...] = ()
+
+    def _measured(self, param: Tensor) -> Tensor | None:
+        return param.grad if self.of == "grad" else param
+
+    def _parts(self, index: int, tensor: Tensor, exclude_padding: bool) -> list[Tensor]:
+        """``tensor`` (the local gradient of ``params[index]``), without FSDP1's padding."""
+        pieces = self.pieces[index] if exclude_padding and self.pieces else None
+        if pieces is None:
+            return [tensor]
+        flat = tensor.reshape(-1)
+        return [flat.narrow(0, offset, numel) for offset, numel in pieces]
 
     @property
     def counted(self) -> tuple[Tensor, ...]:
@@ -74,11 +170,23 @@ class GradGroup:
 
     def grads(self) -> list[Tensor]:
         """The local gradient tensors of this group that exist this step."""
-        return [_local(p.grad) for p in self.params if p.grad is not None]
+        measured = (self._measured(p) for p in self.params)
+        return [_local(t) for t in measured if t is not None]
 
-    def counted_grads(self) -> list[Tensor]:
-        """The local gradients that count in the global norm on this rank."""
-        return [_local(p.grad) for p in self.counted if p.grad is not None]
+    def counted_grads(self, *, exclude_padding: bool = False) -> list[Tensor]:
+        """The local gradients that count in the global norm on this rank.
+
+        With ``exclude_padding``, FSDP1 flat shards are given as views of their real
+        elements (what norms with a negative p need).
+        """
+        out: list[Tensor] = []
+        for index, (param, lead, tied) in enumerate(
+            zip(self.params, self.leader, self.shared, strict=True)
+        ):
+            measured = self._measured(param) if lead and not tied else None
+            if measured is not None:
+                out.extend(self._parts(index, _local(measured), exclude_padding))
+        return out
 
 
 class ReductionPlan:
@@ -100,10 +208,22 @@ class ReductionPlan:
         self.device = device
         self.dtype = dtype
         self.pipeline_groups = tuple(pipeline_groups)
-        #: Which entries of :meth:`per_tensor_powsums` enter the global norm.
-        self.total_mask = torch.tensor(
-            [not tied for g in self.groups for tied in g.shared], dtype=torch.bool, device=device
-        )
+        self._total_mask: Tensor | None = None
+
+    @property
+    def total_mask(self) -> Tensor:
+        """Which entries of :meth:`per_tensor_powsums` enter the global norm (made once).
+
+        Made on first use, not when the plan is built: a plan built for one call (the
+        functional drop-ins) then copies nothing from the host.
+        """
+        if self._total_mask is None:
+            self._total_mask = torch.tensor(
+                [not tied for g in self.groups for tied in g.shared],
+                dtype=torch.bool,
+                device=self.device,
+            )
+        return self._total_mask
 
     @classmethod
     def build(
@@ -112,48 +232,75 @@ class ReductionPlan:
         *,
         model: torch.nn.Module | None = None,
         pipeline_groups: Any = None,
+        of: str = "grad",
     ) -> ReductionPlan:
         """Classify every parameter by layout and group them (once, not per step).
 
         Args:
-            params: the parameters whose gradients are clipped.
+            params: the parameters whose gradients are clipped; with ``of="value"``,
+                the tensors (gradients) to measure themselves.
             model: the FSDP1 root module, needed when FSDP1 manages the parameters.
+                With ``of="value"`` each tensor's layout is that of the parameter of
+                ``model`` whose ``.grad`` it is, and every process group ``model``'s
+                gradients are reduced over is joined even if no tensor of it is given.
             pipeline_groups: process group(s) across which the stages' norms are
                 summed (one rank per stage), for pipeline parallelism.
+            of: ``"grad"`` (measure and scale ``param.grad``) or ``"value"``.
+
+        Raises:
+            ValueError: FSDP1 parameters without ``model=``; an explicit layout whose
+                groups do not cover the job; parameters on the meta device.
         """
-        params = list(params)
+        tensors = list(params)
         pipeline = as_group_list(pipeline_groups)
+        owners: dict[int, Tensor] = {}
+        joined: list[Tensor] = []  # parameters whose reductions every rank must join
+        if of == "value" and model is not None:
+            owners = _grad_owners(model)
+            joined = _model_params(model)
+        sources = [owners.get(id(t), t) for t in tensors]
+        layout_of = [*joined, *sources]
         fsdp1 = (
-            fsdp1_groups(model) if model is not None and any(map(is_fsdp1_param, params)) else None
+            fsdp1_groups(model)
+            if model is not None and any(map(is_fsdp1_param, layout_of))
+            else None
         )
-        dims_in_use = mesh_dims_in_use(params)
-        by_group: dict[tuple[str, int], tuple[str, Any, list[Tensor], list[bool], list[bool]]] = {}
-        for param in params:
+        dims_in_use = mesh_dims_in_use(layout_of)
+        by_group: dict[tuple[str, tuple[int, ...]], tuple[Placement, list[Any]]] = {}
+        for position, source in enumerate(layout_of):
+            layout = get_layout(source)
+            if layout is not None:
+                check_layout_covers(layout, _ranks_per_stage(pipeline))
             placement = classify(
-                param, fsdp1=fsdp1, fold_into_root=not pipeline, dims_in_use=dims_in_use
+                source, fsdp1=fsdp1, fold_into_root=not pipeline, dims_in_use=dims_in_use
             )
-            key = (
-                placement.kind if placement.process_group is None else "sharded",
-                id(placement.process_group),
-            )
-            entry = by_group.setdefault(key, (placement.kind, placement.process_group, [], [], []))
-            entry[2].append(param)
-            entry[3].append(placement.counted)
-            entry[4].append(placement.shared)
+            entry = by_group.setdefault(_group_key(placement), (placement, []))
+            if position >= len(joined):
+                entry[1].append((tensors[position - len(joined)], placement, source))
         groups = [
-            GradGroup(kind, tuple(ps), tuple(lead), tuple(tied), pg)
-            for kind, pg, ps, lead, tied in by_group.values()
+            GradGroup(
+                first.kind,
+                tuple(t for t, _, _ in members),
+                tuple(p.counted for _, p, _ in members),
+                tuple(p.shared for _, p, _ in members),
+                first.process_group,
+                of,
+                tuple(_padding_free_pieces(source) for _, _, source in members),
+            )
+            for first, members in by_group.values()
         ]
-        device = params[0].device if params else torch.device("cpu")
+        device = tensors[0].device if tensors else torch.device("cpu")
         if device.type == "meta":
             raise ValueError("distclip: parameters on the meta device have no gradients to clip")
-        dtype = accumulation_dtype([p.dtype for p in params])
+        dtype = accumulation_dtype([t.dtype for t in tensors])
         return cls(groups, device, dtype, pipeline)
 
     @property
     def num_collectives(self) -> int:
         """All-reduces per step: one per distinct process group, plus one per pipeline group."""
-        return sum(g.process_group is not None for g in self.groups) + len(self.pipeline_groups)
+        return sum(len(_groups_of(g.process_group)) for g in self.groups) + len(
+            self.pipeline_groups
+        )
 
     def grads(self) -> list[Tensor]:
         """Every local gradient tensor that exists this step (what scaling touches)."""
@@ -168,17 +315,15 @@ class ReductionPlan:
         powsums: list[Tensor] = []
         for group in self.groups:
             local = local_powsum(
-                group.counted_grads(),
+                group.counted_grads(exclude_padding=norm_type < 0),
                 norm_type,
                 device=self.device,
                 dtype=self.dtype,
                 foreach=foreach,
             )
-            if group.process_group is not None:
-                local = all_reduce_powsum(local, norm_type, group.process_group)
-            powsums.append(local)
+            powsums.append(_reduce(local, norm_type, group.process_group))
         if not powsums:
-            total = torch.zeros((), device=self.device, dtype=self.dtype)
+            total = torch.full((), powsum_identity(norm_type), device=self.device, dtype=self.dtype)
         else:
             total = combine_powsums(powsums, norm_type)
         for pipeline_group in self.pipeline_groups:
@@ -202,28 +347,42 @@ class ReductionPlan:
         tied copies get their own norm (:attr:`total_mask` keeps them out of the total).
         """
         parts: list[Tensor] = []
+        device, dtype = self.device, self.dtype
         for group in self.groups:
-            tensors = []
-            for param, lead in zip(group.params, group.leader, strict=True):
+            tensors: list[list[Tensor]] = []
+            for index, (param, lead) in enumerate(zip(group.params, group.leader, strict=True)):
                 source = param.grad if of == "grad" else param.detach()
-                tensors.append(_local(source) if source is not None and lead else _EMPTY)
-            local = tensor_powsums(
-                tensors, norm_type, device=self.device, dtype=self.dtype, foreach=foreach
-            )
-            if group.process_group is not None:
-                local = all_reduce_powsum(local, norm_type, group.process_group)
-            parts.append(local)
+                if source is None or not lead:
+                    tensors.append([_EMPTY])
+                else:
+                    tensors.append(group._parts(index, _local(source), norm_type < 0))
+            if all(len(t) == 1 for t in tensors):
+                local = tensor_powsums(
+                    [t[0] for t in tensors], norm_type, device=device, dtype=dtype, foreach=foreach
+                )
+            else:  # FSDP1 flat shards in pieces (a negative p): one power sum per parameter
+                local = torch.stack(
+                    [
+                        local_powsum(t, norm_type, device=device, dtype=dtype, foreach=foreach)
+                        for t in tensors
+                    ]
+                )
+            parts.append(_reduce(local, norm_type, group.process_group))
         if not parts:
             return torch.zeros(0, device=self.device, dtype=self.dtype)
         return torch.cat(parts)
 
     def total_from_powsums(self, powsums: Tensor, norm_type: float) -> Tensor:
         """The global norm from :meth:`per_tensor_powsums` (pipeline groups summed)."""
-        counted = torch.where(self.total_mask, powsums, torch.zeros_like(powsums))
+        identity = torch.full_like(powsums, powsum_identity(norm_type))
+        counted = torch.where(self.total_mask, powsums, identity)
         if counted.numel() == 0:
-            total = torch.zeros((), device=self.device, dtype=self.dtype)
+            total = torch.full((), powsum_identity(norm_type), device=self.device, dtype=self.dtype)
         else:
-            total = counted.amax() if math.isinf(norm_type) else counted.sum()
+            op = reduce_op(norm_type)
+            total = (
+                counted.amax() if op == "max" else counted.amin() if op == "min" else counted.sum()
+            )
         for pipeline_group in self.pipeline_groups:
             total = all_reduce_powsum(total, norm_type, pipeline_group)
         return powsum_to_norm(total, norm_type)
@@ -236,9 +395,9 @@ class ReductionPlan:
                 "num_params": len(g.params),
                 "num_counted": len(g.counted),
                 "reduced": g.process_group is not None,
-                "group_size": dist.get_world_size(g.process_group)
-                if g.process_group is not None
-                else 1,
+                "group_size": math.prod(
+                    dist.get_world_size(pg) for pg in _groups_of(g.process_group)
+                ),
             }
             for g in self.groups
         ]
