@@ -7,7 +7,8 @@ parallel, and two pipeline stages holding a tied weight. Each run trains 24 step
 AutoClip + SGD (window 8) and is checked by ``layouts_asserts.check_run``: every
 rank's norm, threshold and coefficient are bit-identical across ranks and equal the
 reference to 1e-5, final parameters too; every ``step()`` issues exactly the
-expected all-reduces; ``get_total_norm``/``clip_grad_norm_`` give the reference.
+expected all-reduces; ``grad_norm``, ``get_total_norm`` and ``clip_grad_norm_`` give
+the reference for every norm type (SUM, MAX, MIN, count, negative p).
 
 One process group serves the whole module (``group2``).
 """
@@ -114,7 +115,7 @@ def test_fsdp1_without_model_is_refused(group2: ProcessGroupHarness, use_orig_pa
     """FSDP1 parameters without ``model=``: a ValueError at construction that says so."""
     spec = make_spec("fsdp1", sharding="FULL_SHARD", use_orig_params=use_orig_params)
     for errors in group2.run(workers_layouts.fsdp1_without_model, spec):
-        for entry in ("subclass", "attach", "get_total_norm"):
+        for entry in ("subclass", "attach", "get_total_norm", "grad_norm"):
             message = errors[entry]
             assert message is not None, f"{entry}: no ValueError"
             assert "model=" in message, message
