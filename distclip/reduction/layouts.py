@@ -258,6 +258,11 @@ def fsdp1_groups(model: torch.nn.Module) -> dict[int, Placement]:
         placements[id(flat)] = placement
         for param in getattr(flat, "_params", None) or ():
             placements[id(param)] = placement
+        # While unsharded after a forward, the module holds views of the flat parameter
+        # (use_orig_params=True) instead of its parameters: they belong to it too.
+        for view in getattr(flat, "_tensors", None) or ():
+            if view is not None:
+                placements[id(view)] = placement
     return placements
 
 

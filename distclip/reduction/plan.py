@@ -44,7 +44,6 @@ from distclip.reduction.layouts import (
     fsdp1_groups,
     get_layout,
     is_dtensor,
-    is_fsdp1_param,
     mesh_dims_in_use,
 )
 
@@ -149,7 +148,11 @@ class GradGroup:
     pieces: tuple[tuple[tuple[int, int], ...] | None, ...] = ()
 
     def _measured(self, param: Tensor) -> Tensor | None:
-        return param.grad if self.of == "grad" else param
+        if self.of != "grad":
+            return param
+        # A non-leaf tensor (FSDP1's unsharded views after a forward) has no .grad, and
+        # reading it warns.
+        return param.grad if param.is_leaf or param.retains_grad else None
 
     def _parts(self, index: int, tensor: Tensor, exclude_padding: bool) -> list[Tensor]:
         """``tensor`` (the local gradient of ``params[index]``), without FSDP1's padding."""
@@ -260,11 +263,7 @@ class ReductionPlan:
             joined = _model_params(model)
         sources = [owners.get(id(t), t) for t in tensors]
         layout_of = [*joined, *sources]
-        fsdp1 = (
-            fsdp1_groups(model)
-            if model is not None and any(map(is_fsdp1_param, layout_of))
-            else None
-        )
+        fsdp1 = fsdp1_groups(model) if model is not None else None
         dims_in_use = mesh_dims_in_use(layout_of)
         by_group: dict[tuple[str, tuple[int, ...]], tuple[Placement, list[Any]]] = {}
         for position, source in enumerate(layout_of):

@@ -149,6 +149,17 @@ def _fsdp1_flat_full_grads(root: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def fsdp1_full_grads(root: nn.Module, use_orig_params: bool) -> dict[str, Tensor]:
+    """Every original parameter's whole gradient under the FSDP1 ``root``, by clean name."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+    if not use_orig_params:
+        return _fsdp1_flat_full_grads(root)
+    with FSDP.summon_full_params(root, with_grads=True):
+        return {clean_tensor_name(n): p.grad.clone() for n, p in root.named_parameters()}
+
+
 def fsdp1(spec: dict[str, Any]) -> Prepared:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
@@ -182,10 +193,7 @@ def fsdp1(spec: dict[str, Any]) -> Prepared:
             return {clean_tensor_name(n): p.detach().clone() for n, p in root.named_parameters()}
 
     def full_grads() -> dict[str, Tensor]:
-        if not spec["use_orig_params"]:
-            return _fsdp1_flat_full_grads(root)
-        with FSDP.summon_full_params(root, with_grads=True):
-            return {clean_tensor_name(n): p.grad.clone() for n, p in root.named_parameters()}
+        return fsdp1_full_grads(root, spec["use_orig_params"])
 
     prepared = _simple(root, (rank, world), average_ignored_grads)
     prepared.full_params, prepared.full_grads, prepared.model = full_params, full_grads, root
