@@ -101,6 +101,12 @@ def _as_groups(name: str, groups: Any) -> tuple[Any, ...]:
         return ()
     items = tuple(groups) if isinstance(groups, (list, tuple)) else (groups,)
     for group in items:
+        if group is dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError(
+                f"{name}: rank {dist.get_rank()} is not a member of this group "
+                "(dist.new_group returns NON_GROUP_MEMBER on the ranks it leaves out); name "
+                "the groups this rank belongs to (each rank marks its own parameters)"
+            )
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(
                 f"{name} must be a torch.distributed ProcessGroup or a list of them (e.g. "

@@ -19,6 +19,8 @@ Layouts (``spec["layout"]``):
   and ``out`` stay plain (replicated) tensors; every rank sees the whole batch;
 * ``fsdp2_tp``: a 2x2 ``("dp", "tp")`` mesh, TP as above on ``mesh["tp"]``,
   ``fully_shard`` on ``mesh["dp"]`` (``fc3`` and the root's ``out`` only there);
+* ``hand_tp``: Megatron-style tensor parallelism on plain tensors, told to distclip
+  with ``mark_layout`` (see ``layouts_hand``);
 * ``pipeline``: two stages of ``TiedMLP`` (rank ``r`` of 2 holds stage ``r``; on 4
   ranks a ``("pp", "dp")`` mesh, each stage ``fully_shard``-ed over ``mesh["dp"]``),
   activations and their gradients sent point to point, the tied weight's gradient
@@ -335,4 +337,8 @@ BUILDERS: dict[str, Callable[[dict[str, Any]], Prepared]] = {
 
 def build(spec: dict[str, Any]) -> Prepared:
     """The layout ``spec["layout"]`` of this rank (every rank must call it together)."""
+    if spec["layout"] == "hand_tp":  # its own module: it builds on this one
+        from layouts_hand import hand_tp
+
+        return hand_tp(spec)
     return BUILDERS[spec["layout"]](spec)

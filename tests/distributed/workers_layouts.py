@@ -332,3 +332,58 @@ def forgot_pipeline_groups(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         out["error"] = None
     return out
+
+
+def mark_layout_errors() -> dict[str, str | None]:
+    """What each wrong explicit layout raises on this rank (2 ranks), and where.
+
+    A wrong type, a group this rank is not in, overlapping groups (at
+    ``mark_layout``); groups that do not cover the job (when a plan is built: by
+    every entry point); AGC on a hand-split weight.
+    """
+    _quiet()
+    out: dict[str, str | None] = {}
+
+    def error_of(name: str, make: Any) -> None:
+        try:
+            make()
+        except (TypeError, ValueError, NotImplementedError) as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+        else:
+            out[name] = None
+
+    rank0_only = dist.new_group([0])  # every rank must create it
+    error_of(
+        "type", lambda: distclip.mark_layout(torch.nn.Parameter(torch.ones(2)), sharded_over="tp")
+    )
+    error_of(
+        "not_member",
+        lambda: distclip.mark_layout(torch.nn.Parameter(torch.ones(2)), sharded_over=rank0_only),
+    )
+    world = dist.group.WORLD
+    error_of(
+        "overlap",
+        lambda: distclip.mark_layout(
+            torch.nn.Parameter(torch.ones(2)), sharded_over=world, replicated_over=world
+        ),
+    )
+    model = torch.nn.Linear(3, 2)
+    distclip.mark_layout(model)  # neither sharded nor replicated over the 2 ranks: too few
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    params = list(model.parameters())
+    error_of("coverage_norm_clip", lambda: distclip.NormClip(params))
+    error_of(
+        "coverage_optimizer",
+        lambda: distclip.ClippedOptimizer(torch.optim.SGD, method="zclip")(params, lr=0.1),
+    )
+    error_of("coverage_attach", lambda: distclip.attach(torch.optim.SGD(params, lr=0.1)))
+    error_of("coverage_clip_grad_norm", lambda: distclip.clip_grad_norm_(params, 1.0))
+    error_of(
+        "coverage_get_total_norm",
+        lambda: distclip.get_total_norm([p.grad for p in params], model=model),
+    )
+    weight = torch.nn.Parameter(torch.ones(4, 3))
+    distclip.mark_layout(weight, sharded_over=world)
+    error_of("agc", lambda: distclip.make_clipper("agc", [weight]))
+    return out

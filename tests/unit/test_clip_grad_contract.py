@@ -263,3 +263,15 @@ def test_repeated_calls_copy_nothing_from_or_to_the_host(norm_type: Any) -> None
         with _HostTraffic() as traffic:
             call()
         assert traffic.count == 0
+
+
+def test_mark_layout_needs_process_groups() -> None:
+    """Single process: a group of the wrong type, or no process group at all, is refused."""
+    param = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(TypeError, match=r"sharded_over must be a torch\.distributed ProcessGroup"):
+        distclip.mark_layout(param, sharded_over=[object()])
+    with pytest.raises(TypeError, match=r"replicated_over must be a torch\.distributed"):
+        distclip.mark_layout(param, replicated_over="dp")
+    with pytest.raises(RuntimeError, match=r"needs torch\.distributed to be initialised"):
+        distclip.mark_layout(param)
+    assert distclip.reduction.get_layout(param) is None
