@@ -126,6 +126,7 @@ def check_functional(
         assert functional["counts"][p].get("all_reduce", 0) == expected, functional["counts"][p]
         assert functional["counts"][p]["debug_total"] == expected, functional["counts"][p]
         _check_returned(functional["grads_norms"][p], norm, dtensor, f"get_total_norm(grads, {p})")
+        assert_rel_close(functional["from_per_tensor"][p], norm, f"per-tensor power sums, {p}")
     assert functional["plan_num_collectives"] == expected
     norm = norm_of(run_grads.values(), spec["norm_type"])
     _check_returned(functional["clip_returned"], norm, dtensor, "clip_grad_norm_'s returned norm")

@@ -154,7 +154,9 @@ def functional_checks(prepared: Prepared, norm_type: float) -> dict[str, Any]:
         "counts": {},
         "any_dtensor": any(hasattr(g, "placements") for g in grads),
         "grads": gathered,
+        "from_per_tensor": {},
     }
+    plan = distclip.ReductionPlan.build(prepared.params, **kwargs)
     for p in FUNCTIONAL_NORM_TYPES:
         with count_collectives() as counts:
             out["norms"][p] = value_of(distclip.grad_norm(prepared.params, p, **kwargs))
@@ -163,6 +165,9 @@ def functional_checks(prepared: Prepared, norm_type: float) -> dict[str, Any]:
             grads, p, model=owner, pipeline_groups=prepared.pipeline_groups
         )
         out["grads_norms"][p] = describe_norm(norm)
+        # What layer_wise measures: per-tensor power sums (vector all-reduce), then total.
+        per_tensor = plan.per_tensor_powsums(p)
+        out["from_per_tensor"][p] = float(plan.total_from_powsums(per_tensor, p))
     out["unmarked_norm"] = _unmarked_norm(prepared)
     out["clip_returned"] = describe_norm(
         distclip.clip_grad_norm_(prepared.params, FUNCTIONAL_MAX_NORM, norm_type, **kwargs)

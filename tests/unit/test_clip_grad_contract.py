@@ -94,6 +94,7 @@ def test_nothing_to_measure() -> None:
     norm = distclip.clip_grad_norm_([param], 1.0)
     assert norm.dtype == torch.float32
     assert float(norm) == 0.0
+    assert float(distclip.clip_grad_norm_([param], 1.0, "-inf")) == math.inf  # min of nothing
 
 
 @pytest.mark.parametrize(
