@@ -14,15 +14,8 @@ from distclip.reduction.collectives import (
     is_distributed,
     wait_for_ranks,
 )
-from distclip.reduction.layouts import (
-    Layout,
-    Placement,
-    get_layout,
-    is_dtensor,
-    local_tensor,
-    mark_layout,
-    mark_shared,
-)
+from distclip.reduction.layouts import Placement, is_dtensor, local_tensor
+from distclip.reduction.marks import Layout, get_layout, mark_layout, mark_shared
 from distclip.reduction.plan import GradGroup, ReductionPlan
 
 __all__ = [

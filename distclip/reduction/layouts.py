@@ -18,18 +18,16 @@ rank's local part is counted at all (a copy held by several ranks is counted on 
   parameter lives on those dimensions (they are then data or tensor parallel, not
   pipeline stages);
 * parameters marked shared (Megatron's ``param.shared = True`` on the second copy of
-  a tied weight, or :func:`mark_shared`) are scaled but not counted;
-* parameters given an explicit layout (:func:`mark_layout`: the process groups their
-  gradient is sharded over and replicated over) are reduced over the sharded groups,
-  whatever the classification above would say: the escape hatch for layouts distclip
-  cannot see (Megatron-style tensor parallelism on plain tensors, expert parallelism,
-  a custom sharding).
+  a tied weight, or :func:`~distclip.reduction.marks.mark_shared`) are scaled but not
+  counted;
+* parameters given an explicit layout (:func:`~distclip.reduction.marks.mark_layout`)
+  are reduced over the groups they are sharded over, whatever the classification
+  above would say.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,25 +35,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from distclip.reduction.marks import get_layout, is_marked_shared
+
 __all__ = [
-    "Layout",
     "Placement",
     "classify",
+    "flat_shard_pieces",
     "fsdp1_groups",
-    "get_layout",
+    "grad_owners",
     "is_dtensor",
     "is_fsdp1_param",
     "local_tensor",
-    "mark_layout",
-    "mark_shared",
+    "model_params",
     "root_mesh",
 ]
-
-#: Attribute Megatron-LM sets on the copy of a tied parameter that must not be counted.
-SHARED_ATTR = "shared"
-
-#: Attribute :func:`mark_layout` sets on a parameter (a :class:`Layout`).
-LAYOUT_ATTR = "_distclip_layout"
 
 
 @dataclass(frozen=True)
@@ -71,161 +64,6 @@ class Placement:
     process_group: Any = None
     counted: bool = True  # this rank's local part enters the group's reduction
     shared: bool = False  # a tied copy: its norm is its own, but the global norm skips it
-
-
-@dataclass(frozen=True, eq=False)
-class Layout:
-    """An explicit layout of one parameter's gradient, set by :func:`mark_layout`.
-
-    Attributes:
-        sharded_over: process groups whose ranks hold disjoint pieces of the gradient
-            (together, over all these groups, the whole gradient): its power sum is
-            all-reduced over each of them.
-        replicated_over: process groups whose ranks hold identical copies of this
-            rank's piece: nothing is reduced over them, so a copy never counts twice.
-            They are checked: the groups must cover every rank of the job (of one
-            pipeline stage with ``pipeline_groups=``), so a forgotten group is an
-            error rather than a wrong norm.
-    """
-
-    sharded_over: tuple[Any, ...]
-    replicated_over: tuple[Any, ...]
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Layout:
-        return self  # process groups are handles of this process: shared, not copied
-
-
-def _as_groups(name: str, groups: Any) -> tuple[Any, ...]:
-    """``groups`` (one process group, or a sequence) as a tuple; typed errors otherwise."""
-    if groups is None:
-        return ()
-    items = tuple(groups) if isinstance(groups, (list, tuple)) else (groups,)
-    for group in items:
-        if group is dist.GroupMember.NON_GROUP_MEMBER:
-            raise ValueError(
-                f"{name}: rank {dist.get_rank()} is not a member of this group "
-                "(dist.new_group returns NON_GROUP_MEMBER on the ranks it leaves out); name "
-                "the groups this rank belongs to (each rank marks its own parameters)"
-            )
-        if not isinstance(group, dist.ProcessGroup):
-            raise TypeError(
-                f"{name} must be a torch.distributed ProcessGroup or a list of them (e.g. "
-                f"dist.new_group(ranks) or mesh.get_group('tp')), got {type(group).__name__}"
-            )
-    return items
-
-
-def _check_layout_groups(sharded: tuple[Any, ...], replicated: tuple[Any, ...]) -> None:
-    """Every group holds this rank, no group is named twice, two groups share only this rank."""
-    if not dist.is_initialized():
-        raise RuntimeError(
-            "distclip.mark_layout needs torch.distributed to be initialised "
-            "(dist.init_process_group) before the groups are named"
-        )
-    me = dist.get_rank()
-    seen: list[tuple[str, set[int]]] = []
-    for role, groups in (("sharded_over", sharded), ("replicated_over", replicated)):
-        for group in groups:
-            ranks = set(dist.get_process_group_ranks(group))
-            if me not in ranks:
-                raise ValueError(
-                    f"{role}: rank {me} is not a member of the group of ranks {sorted(ranks)}; "
-                    "name the groups this rank belongs to (each rank marks its own parameters)"
-                )
-            for other_role, other in seen:
-                if ranks & other != {me}:
-                    raise ValueError(
-                        f"{role}: the group of ranks {sorted(ranks)} overlaps the {other_role} "
-                        f"group {sorted(other)} beyond this rank ({me}); the groups of one "
-                        "layout must be independent dimensions (e.g. the tensor-parallel and "
-                        "the data-parallel group), each named once"
-                    )
-            seen.append((role, ranks))
-
-
-def mark_layout(
-    params: Tensor | Iterable[Tensor] | torch.nn.Module,
-    *,
-    sharded_over: Any = None,
-    replicated_over: Any = None,
-) -> list[Tensor]:
-    """State how the gradients of ``params`` are laid out, for layouts distclip cannot see.
-
-    For Megatron-style tensor parallelism on plain tensors, expert parallelism or any
-    custom sharding (in the spirit of torchrec's ``param_to_pgs``). Every clipper,
-    optimizer factory, :func:`~distclip.attach` and the functional drop-ins honour it;
-    it takes precedence over what distclip would infer (FSDP1, DTensor, replicated).
-
-    Args:
-        params: a parameter, an iterable of them, or a module (all its parameters).
-        sharded_over: the process group(s) whose ranks hold disjoint pieces of each
-            gradient; the power sums are all-reduced over each (one all-reduce per
-            distinct set of groups per step). ``None``: not sharded.
-        replicated_over: the process group(s) whose ranks hold identical copies
-            (e.g. the data-parallel group after DDP-style averaging). Never reduced,
-            so a copy counts once; checked against the job's size when the clipper
-            is built.
-
-    Returns:
-        The marked parameters, as a list.
-
-    Raises:
-        TypeError: ``params`` holds something that is not a tensor, or a group is
-            not a ``ProcessGroup``.
-        ValueError: this rank is not in a group, or two groups overlap beyond it.
-        RuntimeError: ``torch.distributed`` is not initialised.
-    """
-    sharded = _as_groups("sharded_over", sharded_over)
-    replicated = _as_groups("replicated_over", replicated_over)
-    _check_layout_groups(sharded, replicated)
-    tensors: list[Tensor]
-    if isinstance(params, torch.nn.Module):
-        tensors = list(params.parameters())
-    elif isinstance(params, Tensor):
-        tensors = [params]
-    else:
-        tensors = list(params)
-    layout = Layout(sharded, replicated)
-    for tensor in tensors:
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"params must hold tensors, got {type(tensor).__name__}")
-        setattr(tensor, LAYOUT_ATTR, layout)
-    return tensors
-
-
-def get_layout(param: Tensor) -> Layout | None:
-    """The :class:`Layout` :func:`mark_layout` set on ``param``, or ``None``."""
-    layout = getattr(param, LAYOUT_ATTR, None)
-    return layout if isinstance(layout, Layout) else None
-
-
-def check_layout_covers(layout: Layout, ranks_per_stage: int) -> None:
-    """Raise unless the layout's groups span ``ranks_per_stage`` ranks (sizes multiplied).
-
-    Raises:
-        ValueError: a group of the job is missing from the layout (or one too many).
-    """
-    sizes = [dist.get_world_size(g) for g in (*layout.sharded_over, *layout.replicated_over)]
-    if math.prod(sizes) != ranks_per_stage:
-        shown = " x ".join(map(str, sizes)) or "no group"
-        raise ValueError(
-            f"distclip.mark_layout: a parameter's sharded_over and replicated_over groups "
-            f"span {shown} = {math.prod(sizes)} ranks, but each copy of the model spans "
-            f"{ranks_per_stage} ranks here (the world, or one pipeline stage with "
-            "pipeline_groups=). Name every group the gradient is split or copied along, "
-            "e.g. sharded_over=tp_group, replicated_over=dp_group."
-        )
-
-
-def mark_shared(param: Tensor) -> Tensor:
-    """Mark ``param`` as the second copy of a tied parameter: scaled, never counted.
-
-    For pipeline stages holding the same weight twice (e.g. the input and output
-    embedding on the first and last stage): mark the copy on every stage but one,
-    as Megatron-LM does with ``param.shared = True``. Returns ``param``.
-    """
-    setattr(param, SHARED_ATTR, True)
-    return param
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -270,6 +108,48 @@ def fsdp1_groups(model: torch.nn.Module) -> dict[int, Placement]:
             if view is not None:
                 placements[id(view)] = placement
     return placements
+
+
+def grad_owners(model: torch.nn.Module) -> dict[int, Tensor]:
+    """``id(grad)`` to the parameter that holds it, for every gradient of ``model`` now.
+
+    FSDP1's flat parameters are included (their gradients are what a user gathers
+    with ``use_orig_params=False``), so a gradient maps back to the parameter whose
+    layout it shares.
+    """
+    owners: dict[int, Tensor] = {}
+    for param in model_params(model):
+        if param.grad is not None:
+            owners.setdefault(id(param.grad), param)
+    return owners
+
+
+def model_params(model: torch.nn.Module) -> list[Tensor]:
+    """``model``'s parameters and FSDP1's flat parameters behind them, each once."""
+    params: list[Tensor] = list(model.parameters())
+    seen = {id(p) for p in params}
+    for module in model.modules():
+        flat = getattr(getattr(module, "_handle", None), "flat_param", None)
+        if isinstance(flat, Tensor) and id(flat) not in seen:
+            seen.add(id(flat))
+            params.append(flat)
+    return params
+
+
+def flat_shard_pieces(param: Tensor) -> tuple[tuple[int, int], ...] | None:
+    """``(offset, numel)`` of the real elements in an FSDP1 flat shard (``None``: not one).
+
+    FSDP1 pads its flat parameters with zeros (to split evenly, and to align the
+    original parameters with ``use_orig_params``). Zeros change no p > 0 norm, but
+    a negative p or ``-inf`` would see ``|0| ** p = inf`` or a minimum of 0: those
+    norms are taken over these pieces only.
+    """
+    if not getattr(param, "_is_flat_param", False):
+        return None
+    infos = getattr(param, "_shard_param_infos", None)
+    if infos is None:
+        return None
+    return tuple((i.offset_in_shard, i.numel_in_shard) for i in infos if i.in_shard)
 
 
 def _mesh_group(mesh: Any) -> Any:
@@ -375,7 +255,7 @@ def classify(
         )
     else:
         placement = Placement("replicated")
-    if getattr(param, SHARED_ATTR, False):
+    if is_marked_shared(param):
         placement = Placement(placement.kind, placement.process_group, placement.counted, True)
     return placement
 

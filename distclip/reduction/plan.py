@@ -39,13 +39,15 @@ from distclip.reduction.collectives import all_reduce_powsum
 from distclip.reduction.layouts import (
     Placement,
     as_group_list,
-    check_layout_covers,
     classify,
+    flat_shard_pieces,
     fsdp1_groups,
-    get_layout,
+    grad_owners,
     is_dtensor,
     mesh_dims_in_use,
+    model_params,
 )
+from distclip.reduction.marks import check_layout_covers, get_layout
 
 __all__ = ["GradGroup", "ReductionPlan"]
 
@@ -69,48 +71,6 @@ def _reduce(powsum: Tensor, norm_type: float, process_group: Any) -> Tensor:
     for group in _groups_of(process_group):
         powsum = all_reduce_powsum(powsum, norm_type, group)
     return powsum
-
-
-def _grad_owners(model: torch.nn.Module) -> dict[int, Tensor]:
-    """``id(grad)`` to the parameter that holds it, for every gradient of ``model`` now.
-
-    FSDP1's flat parameters are included (their gradients are what a user gathers
-    with ``use_orig_params=False``), so a gradient maps back to the parameter whose
-    layout it shares.
-    """
-    owners: dict[int, Tensor] = {}
-    for param in _model_params(model):
-        if param.grad is not None:
-            owners.setdefault(id(param.grad), param)
-    return owners
-
-
-def _model_params(model: torch.nn.Module) -> list[Tensor]:
-    """``model``'s parameters and FSDP1's flat parameters behind them, each once."""
-    params: list[Tensor] = list(model.parameters())
-    seen = {id(p) for p in params}
-    for module in model.modules():
-        flat = getattr(getattr(module, "_handle", None), "flat_param", None)
-        if isinstance(flat, Tensor) and id(flat) not in seen:
-            seen.add(id(flat))
-            params.append(flat)
-    return params
-
-
-def _padding_free_pieces(param: Tensor) -> tuple[tuple[int, int], ...] | None:
-    """``(offset, numel)`` of the real elements in an FSDP1 flat shard (``None``: not one).
-
-    FSDP1 pads its flat parameters with zeros (to split evenly, and to align the
-    original parameters with ``use_orig_params``). Zeros change no p > 0 norm, but
-    a negative p or ``-inf`` would see ``|0| ** p = inf`` or a minimum of 0: those
-    norms are taken over these pieces only.
-    """
-    if not getattr(param, "_is_flat_param", False):
-        return None
-    infos = getattr(param, "_shard_param_infos", None)
-    if infos is None:
-        return None
-    return tuple((i.offset_in_shard, i.numel_in_shard) for i in infos if i.in_shard)
 
 
 def _ranks_per_stage(pipeline_groups: Sequence[Any]) -> int:
@@ -259,8 +219,8 @@ class ReductionPlan:
         owners: dict[int, Tensor] = {}
         joined: list[Tensor] = []  # parameters whose reductions every rank must join
         if of == "value" and model is not None:
-            owners = _grad_owners(model)
-            joined = _model_params(model)
+            owners = grad_owners(model)
+            joined = model_params(model)
         sources = [owners.get(id(t), t) for t in tensors]
         layout_of = [*joined, *sources]
         fsdp1 = fsdp1_groups(model) if model is not None else None
@@ -284,7 +244,7 @@ class ReductionPlan:
                 tuple(p.shared for _, p, _ in members),
                 first.process_group,
                 of,
-                tuple(_padding_free_pieces(source) for _, _, source in members),
+                tuple(flat_shard_pieces(source) for _, _, source in members),
             )
             for first, members in by_group.values()
         ]
