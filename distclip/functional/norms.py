@@ -122,7 +122,9 @@ def _norms(
     foreach: bool | None,
 ) -> Tensor:
     """Per-tensor norms of one (device, dtype) group, accumulated in ``dtype`` or wider."""
-    acc = torch.promote_types(dtype, group[0].dtype) if group[0].is_floating_point() else dtype
+    # Complex tensors accumulate in the complex dtype (their norms come out real).
+    inexact = group[0].is_floating_point() or group[0].is_complex()
+    acc = torch.promote_types(dtype, group[0].dtype) if inexact else dtype
     if use_foreach(device, foreach):
         return torch.stack(list(torch._foreach_norm(group, norm_type, dtype=acc)))
     return torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group])

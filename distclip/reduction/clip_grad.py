@@ -84,9 +84,11 @@ def _check_bound(name: str, value: Any) -> float:
 
 
 def _result_dtype(tensors: list[Tensor]) -> torch.dtype:
-    """The dtype torch's norm has: the gradients' dtypes promoted (float32 for none)."""
-    dtypes = [t.dtype for t in tensors]
-    return functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
+    """The dtype torch's norm has: the gradients' dtypes promoted, made real (float32 for none)."""
+    if not tensors:
+        return torch.float32
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    return dtype.to_real() if dtype.is_complex else dtype
 
 
 def _as_torch_result(total_norm: Tensor, measured: list[Tensor], like: list[Tensor]) -> Tensor:
@@ -179,13 +181,19 @@ def get_total_norm(
         ``full_tensor()`` is the global norm. ``tensor(0.)`` for no tensors at all.
 
     Raises:
-        TypeError: ``tensors`` holds something that is not a tensor; a wrong type of
-            ``norm_type``, ``error_if_nonfinite`` or ``foreach``.
+        TypeError: ``tensors`` holds something that is not a tensor, or an integer
+            tensor; a wrong type of ``norm_type``, ``error_if_nonfinite`` or ``foreach``.
         ValueError: a NaN ``norm_type``; FSDP1 gradients without ``model=``.
         NonFiniteNormError: (a ``RuntimeError``) the norm is not finite and
             ``error_if_nonfinite``.
     """
     items = _tensor_list("tensors", tensors)
+    for index, item in enumerate(items):
+        if not (item.is_floating_point() or item.is_complex()):
+            raise TypeError(
+                f"tensors[{index}] has dtype {item.dtype}: a norm needs floating point or "
+                "complex tensors (as torch's); convert it, e.g. t.float()"
+            )
     _, total_norm = _global_norm(
         items, norm_type, error_if_nonfinite, foreach, model, pipeline_groups, "value"
     )

@@ -86,6 +86,16 @@ def test_returned_dtype_follows_the_gradients(
     assert distclip.clip_grad_norm_(params, 1.0).dtype == expected
 
 
+def test_complex_norm_is_real_and_integer_tensors_are_refused() -> None:
+    """A complex gradient's norm is real, as torch's; integer tensors are refused, as by torch."""
+    complex_grads = [torch.tensor([3 + 4j, 0j])]
+    ours = distclip.get_total_norm(complex_grads)
+    torch.testing.assert_close(ours, torch.nn.utils.get_total_norm(complex_grads))
+    assert ours.dtype == torch.float32
+    with pytest.raises(TypeError, match=r"tensors\[0\] has dtype torch\.int64: a norm needs"):
+        distclip.get_total_norm([torch.tensor([3, 4])])
+
+
 def test_nothing_to_measure() -> None:
     empty = distclip.get_total_norm([])
     assert torch.equal(empty, torch.tensor(0.0))
