@@ -183,7 +183,16 @@ def _nonfinite_params(scalar: float, one_elem: bool, prefix: bool) -> list[torch
     return [first, param]
 
 
-@pytest.mark.parametrize(("one_elem", "prefix", "scalars", "nonfinite", "finite"), NONFINITE_CASES)
+def _case_id(case: tuple[object, ...]) -> str:
+    one_elem, prefix, scalars = case[:3]
+    return f"{'one' if one_elem else 'all'}{'-prefix' if prefix else ''}-{scalars[0]}"
+
+
+@pytest.mark.parametrize(
+    ("one_elem", "prefix", "scalars", "nonfinite", "finite"),
+    NONFINITE_CASES,
+    ids=[_case_id(c) for c in NONFINITE_CASES],
+)
 def test_clip_grad_norm_error_if_nonfinite(
     one_elem: bool, prefix: bool, scalars: list[float], nonfinite: list[float], finite: list[float]
 ) -> None:
