@@ -228,7 +228,8 @@ def run_config(rank: int, layout: str, size: str, reps: int, warmup: int) -> dic
     refill()
     torch_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
     torch_norm = torch_norm.full_tensor() if hasattr(torch_norm, "full_tensor") else torch_norm
-    ours = distclip.get_total_norm(params)
+    ours = distclip.get_total_norm([p.grad for p in params], foreach=True)
+    ours = ours.full_tensor() if hasattr(ours, "full_tensor") else ours
     if not torch.allclose(ours, torch_norm, rtol=1e-5):
         raise AssertionError(f"{layout} {size}: distclip norm {ours} != torch's {torch_norm}")
 

@@ -10,8 +10,11 @@ Entry points:
 * :func:`attach`: clipping hooked onto an optimizer instance that already exists;
 * :class:`AutoClip`, :class:`NormClip`, :func:`make_clipper`: a standalone clipper
   to call between ``backward()`` and ``step()``;
-* :func:`get_total_norm`, :func:`clip_grad_norm_`: layout-correct drop-ins for
-  torch's functions of the same names;
+* :func:`get_total_norm`, :func:`clip_grads_with_norm_`, :func:`clip_grad_norm_`,
+  :func:`clip_grad_value_`: layout-correct drop-ins for torch's functions of the same
+  names (and :func:`grad_norm`: the global norm of parameters' gradients);
+* :func:`mark_shared`, :func:`mark_layout`: what distclip is told about gradients it
+  cannot classify by itself (a tied copy; an explicit sharding);
 * :class:`MetricsWriter`, :func:`read_metrics`: the per-step record as JSON lines,
   drawn by ``python -m distclip.plot``;
 * ``distclip.deepspeed``, ``distclip.hf``, ``distclip.accelerate``,
@@ -53,7 +56,17 @@ from distclip.integrations import (
     get_clipper,
 )
 from distclip.integrations.metrics import METRICS_FIELDS, MetricsWriter, read_metrics
-from distclip.reduction import ReductionPlan, clip_grad_norm_, get_total_norm, mark_shared
+from distclip.reduction import (
+    Layout,
+    ReductionPlan,
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    get_total_norm,
+    grad_norm,
+    mark_layout,
+    mark_shared,
+)
 
 __all__ = [
     "AGC",
@@ -69,6 +82,7 @@ __all__ = [
     "CoordinateWiseClip",
     "FrameworkClippingError",
     "LayerWiseClip",
+    "Layout",
     "LinearStochAutoClip",
     "LinearStochNormClip",
     "MetricsWriter",
@@ -85,9 +99,13 @@ __all__ = [
     "attach",
     "available_methods",
     "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
     "get_clipper",
     "get_total_norm",
+    "grad_norm",
     "make_clipper",
+    "mark_layout",
     "mark_shared",
     "read_metrics",
 ]

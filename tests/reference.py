@@ -30,13 +30,24 @@ CLIPPING_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def norm_of(grads: Sequence[torch.Tensor], p: float = 2.0) -> float:
-    """The p-norm of all elements of ``grads``, in float64 with numpy."""
+    """The p-norm of all elements of ``grads`` as one vector, in float64 with numpy.
+
+    Every norm type: ``inf`` / ``-inf`` the largest / smallest ``|x|``, ``0`` the
+    number of non-zero elements (NaN counts: it is not 0), other p
+    ``(sum |x| ** p) ** (1 / p)`` with ``|0| ** p = inf`` for p < 0. No elements: 0.
+    """
     flat = np.concatenate([g.detach().double().reshape(-1).numpy() for g in grads] or [np.zeros(0)])
     if flat.size == 0:
         return 0.0
-    if math.isinf(p):
-        return float(np.max(np.abs(flat)))
-    return float(np.sum(np.abs(flat) ** p) ** (1.0 / p))
+    magnitude = np.abs(flat)
+    if p == math.inf:
+        return float(np.max(magnitude))
+    if p == -math.inf:
+        return float(np.min(magnitude))
+    if p == 0:
+        return float(np.count_nonzero(flat))
+    with np.errstate(divide="ignore", over="ignore"):
+        return float(np.sum(magnitude**p) ** (1.0 / p))
 
 
 class SlowAutoClip:

@@ -21,7 +21,7 @@ from distclip.clippers.elementwise import (
 )
 from distclip.clippers.stats import ClipStats
 from distclip.functional import accumulation_dtype, powsum_to_norm, scale_each_, tensor_powsums
-from distclip.reduction import ReductionPlan, is_dtensor, local_tensor
+from distclip.reduction import ReductionPlan, get_layout, is_dtensor, local_tensor
 
 __all__ = ["AGC", "AGCConfig", "RowPlan"]
 
@@ -130,6 +130,15 @@ class AGC(Clipper):
                     raise NotImplementedError(
                         "distclip: method 'agc' cannot run on FSDP1: its flat shards split "
                         "weight rows across ranks. Use FSDP2 (fully_shard, rows stay whole), "
+                        "DDP or a single process."
+                    )
+                layout = get_layout(param)
+                if param.dim() >= 2 and layout is not None and layout.sharded_over:
+                    raise NotImplementedError(
+                        "distclip: method 'agc' needs every weight row whole on a rank, but a "
+                        f"parameter of shape {tuple(param.shape)} has an explicit sharded "
+                        "layout (mark_layout), which does not say along which dimension it "
+                        "is split. Use FSDP2 Shard(0) or row-wise tensor parallel (DTensor), "
                         "DDP or a single process."
                     )
                 if param.dim() >= 2 and not _splits_only_rows(param):

@@ -238,9 +238,10 @@ class Clipper:
         finite = total_norm < float("inf")
         if self.config.nonfinite == "error" and not bool(finite):
             raise NonFiniteNormError(
-                f"the global gradient norm is {float(total_norm)} at step "
-                f"{self.num_steps + 1}; nothing was modified. Use nonfinite='skip' to skip "
-                "such steps instead of raising."
+                f"The total norm of order {self.config.norm_type} for gradients is "
+                f"{float(total_norm)} (the global gradient norm) at step {self.num_steps + 1}; "
+                "nothing was modified. Use nonfinite='skip' to skip such steps instead of "
+                "raising."
             )
         return finite
 

@@ -101,7 +101,11 @@ class ClipConfig:
     """Options every method takes.
 
     Attributes:
-        norm_type: p of the global p-norm, any p > 0 or ``inf`` (default 2).
+        norm_type: p of the global p-norm (default 2): every norm type torch's
+            clipping accepts, as a number or a string (``"inf"``): p > 0, ``inf``,
+            ``0`` (the number of non-zero elements), negative p and ``-inf`` (the
+            smallest ``|g|``), each reduced across ranks as
+            :func:`distclip.get_total_norm` does.
         nonfinite: ``"skip"`` (default) skips the update on every rank when the global
             norm is NaN/inf and keeps the norm out of the window; ``"error"`` raises
             :class:`distclip.NonFiniteNormError` on every rank instead (this reads the

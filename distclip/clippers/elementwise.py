@@ -13,8 +13,7 @@ from torch import Tensor
 from distclip.clippers.base import Clipper
 from distclip.clippers.config import ClipConfig, check_positive_finite
 from distclip.clippers.stats import ClipStats
-from distclip.functional import powsum_to_norm, scale_each_
-from distclip.functional._grouping import group_by_device_and_dtype, use_foreach
+from distclip.functional import clamp_, powsum_to_norm, scale_each_
 from distclip.reduction import ReductionPlan, local_tensor
 
 __all__ = [
@@ -200,14 +199,7 @@ class ValueClip(Clipper):
         partition included); no communication, no host read. Two foreach kernels per
         (device, dtype) group where the device has them, one clamp per tensor otherwise.
         """
-        bound = self.config.clip_value
-        for device, group in group_by_device_and_dtype(list(grads)):
-            if use_foreach(device, self.config.foreach):
-                torch._foreach_clamp_min_(group, -bound)
-                torch._foreach_clamp_max_(group, bound)
-            else:
-                for grad in group:
-                    grad.clamp_(min=-bound, max=bound)
+        clamp_(list(grads), self.config.clip_value, foreach=self.config.foreach)
 
 
 class CoordinateWiseClip(ValueClip):
@@ -330,13 +322,16 @@ class LayerWiseClip(Clipper):
             all_reduce: sums a 1-D tensor over the ranks (``None``: no reduction).
 
         Raises:
-            ValueError: ``norm_type`` is inf (power sums would need a MAX reduction).
+            ValueError: ``norm_type`` is not a finite p > 0 (``all_reduce`` sums).
             RuntimeError: no step was opened by :meth:`observe_fragments_`.
         """
         step = fragment_step(self)
         norm_type = self.config.norm_type
-        if math.isinf(norm_type):
-            raise ValueError("distclip layer_wise: clip_fragments_ needs a finite norm_type")
+        if not 0.0 < norm_type < math.inf:
+            raise ValueError(
+                "distclip layer_wise: clip_fragments_ needs a finite norm_type p > 0 (its "
+                f"all_reduce sums power sums), got {norm_type}"
+            )
         units, num_units = plan
         present = [i for i, f in enumerate(fragments) if grads[f.buffer] is not None]
         pieces = [

@@ -26,8 +26,18 @@ def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[tuple[torch.dev
 
 
 def use_foreach(device: torch.device, foreach: bool | None) -> bool:
-    """Whether to use the foreach kernels on ``device`` (``None``: where supported)."""
-    return _device_has_foreach_support(device) if foreach is None else foreach
+    """Whether to use the foreach kernels on ``device`` (``None``: where supported).
+
+    Raises:
+        RuntimeError: ``foreach=True`` on a device without foreach kernels (as torch's
+            clipping functions do: an explicit request is never silently ignored).
+    """
+    supported = _device_has_foreach_support(device)
+    if foreach and not supported:
+        raise RuntimeError(
+            f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
+        )
+    return supported if foreach is None else foreach
 
 
 def group_indices_by_device_and_dtype(

@@ -18,7 +18,14 @@ from distclip.functional._grouping import (
     use_foreach,
 )
 
-__all__ = ["DEFAULT_EPS", "clip_coefficient", "scale_", "scale_each_", "skip_aware_coefficient"]
+__all__ = [
+    "DEFAULT_EPS",
+    "clamp_",
+    "clip_coefficient",
+    "scale_",
+    "scale_each_",
+    "skip_aware_coefficient",
+]
 
 #: Added to the norm in the denominator of every clip coefficient.
 DEFAULT_EPS = 1e-6
@@ -73,3 +80,20 @@ def scale_each_(
         else:
             for tensor, factor in zip(group, chosen, strict=True):
                 tensor.mul_(factor)
+
+
+def clamp_(tensors: Sequence[Tensor], bound: float, *, foreach: bool | None = None) -> None:
+    """Clamp every element of every tensor into ``[-bound, bound]``, in place.
+
+    Tensors are grouped by (device, dtype); each group gets one
+    ``torch._foreach_clamp_min_`` and one ``torch._foreach_clamp_max_`` where the
+    device supports them (``foreach=False``: a ``clamp_`` per tensor). Element by
+    element, so exact on any piece of a gradient; no communication, no host read.
+    """
+    for device, group in group_by_device_and_dtype(tensors):
+        if use_foreach(device, foreach):
+            torch._foreach_clamp_min_(group, -bound)
+            torch._foreach_clamp_max_(group, bound)
+        else:
+            for t in group:
+                t.clamp_(min=-bound, max=bound)

@@ -6,13 +6,14 @@ moved there and back (a device-to-device copy, never a read by the host).
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from distclip.functional import reduce_op
 
 __all__ = [
     "all_gather_tensor",
@@ -52,11 +53,11 @@ def collective_device(group: dist.ProcessGroup | None, like: Tensor) -> torch.de
 
 
 def all_reduce_powsum(powsum: Tensor, norm_type: float, group: dist.ProcessGroup | None) -> Tensor:
-    """All-reduce power sums (a 0-dim or 1-D tensor) over ``group``: SUM, or MAX for inf.
+    """All-reduce power sums (a 0-dim or 1-D tensor) over ``group``: SUM, MAX (inf), MIN (-inf).
 
     Returns the reduced tensor, shaped and placed like ``powsum``. One collective.
     """
-    op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+    op = getattr(dist.ReduceOp, reduce_op(norm_type).upper())  # SUM, MAX or MIN
     device = collective_device(group, powsum)
     # A copy, so the caller's tensor is never reduced in place; 1-D, as every backend takes.
     buffer = powsum.to(device, copy=True).reshape(-1)

@@ -18,7 +18,11 @@ rank's local part is counted at all (a copy held by several ranks is counted on 
   parameter lives on those dimensions (they are then data or tensor parallel, not
   pipeline stages);
 * parameters marked shared (Megatron's ``param.shared = True`` on the second copy of
-  a tied weight, or :func:`mark_shared`) are scaled but not counted.
+  a tied weight, or :func:`~distclip.reduction.marks.mark_shared`) are scaled but not
+  counted;
+* parameters given an explicit layout (:func:`~distclip.reduction.marks.mark_layout`)
+  are reduced over the groups they are sharded over, whatever the classification
+  above would say.
 """
 
 from __future__ import annotations
@@ -31,39 +35,35 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from distclip.reduction.marks import get_layout, is_marked_shared
+
 __all__ = [
     "Placement",
     "classify",
+    "flat_shard_pieces",
     "fsdp1_groups",
+    "grad_owners",
     "is_dtensor",
     "is_fsdp1_param",
     "local_tensor",
-    "mark_shared",
+    "model_params",
+    "root_mesh",
 ]
-
-#: Attribute Megatron-LM sets on the copy of a tied parameter that must not be counted.
-SHARED_ATTR = "shared"
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a parameter's power sum goes: its reduction group and whether it counts here."""
+    """Where a parameter's power sum goes: its reduction group(s) and whether it counts here.
 
-    kind: str  # "replicated", "fsdp1", "dtensor"
-    process_group: Any = None  # a ProcessGroup, or None for no reduction
+    ``process_group`` is ``None`` (nothing to reduce), one process group, or a tuple
+    of process groups reduced one after the other (an explicit :class:`Layout`
+    sharded over several groups).
+    """
+
+    kind: str  # "replicated", "fsdp1", "dtensor", "marked"
+    process_group: Any = None
     counted: bool = True  # this rank's local part enters the group's reduction
     shared: bool = False  # a tied copy: its norm is its own, but the global norm skips it
-
-
-def mark_shared(param: Tensor) -> Tensor:
-    """Mark ``param`` as the second copy of a tied parameter: scaled, never counted.
-
-    For pipeline stages holding the same weight twice (e.g. the input and output
-    embedding on the first and last stage): mark the copy on every stage but one,
-    as Megatron-LM does with ``param.shared = True``. Returns ``param``.
-    """
-    setattr(param, SHARED_ATTR, True)
-    return param
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -102,7 +102,54 @@ def fsdp1_groups(model: torch.nn.Module) -> dict[int, Placement]:
         placements[id(flat)] = placement
         for param in getattr(flat, "_params", None) or ():
             placements[id(param)] = placement
+        # While unsharded after a forward, the module holds views of the flat parameter
+        # (use_orig_params=True) instead of its parameters: they belong to it too.
+        for view in getattr(flat, "_tensors", None) or ():
+            if view is not None:
+                placements[id(view)] = placement
     return placements
+
+
+def grad_owners(model: torch.nn.Module) -> dict[int, Tensor]:
+    """``id(grad)`` to the parameter that holds it, for every gradient of ``model`` now.
+
+    FSDP1's flat parameters are included (their gradients are what a user gathers
+    with ``use_orig_params=False``), so a gradient maps back to the parameter whose
+    layout it shares.
+    """
+    owners: dict[int, Tensor] = {}
+    for param in model_params(model):
+        if param.grad is not None:
+            owners.setdefault(id(param.grad), param)
+    return owners
+
+
+def model_params(model: torch.nn.Module) -> list[Tensor]:
+    """``model``'s parameters and FSDP1's flat parameters behind them, each once."""
+    params: list[Tensor] = list(model.parameters())
+    seen = {id(p) for p in params}
+    for module in model.modules():
+        flat = getattr(getattr(module, "_handle", None), "flat_param", None)
+        if isinstance(flat, Tensor) and id(flat) not in seen:
+            seen.add(id(flat))
+            params.append(flat)
+    return params
+
+
+def flat_shard_pieces(param: Tensor) -> tuple[tuple[int, int], ...] | None:
+    """``(offset, numel)`` of the real elements in an FSDP1 flat shard (``None``: not one).
+
+    FSDP1 pads its flat parameters with zeros (to split evenly, and to align the
+    original parameters with ``use_orig_params``). Zeros change no p > 0 norm, but
+    a negative p or ``-inf`` would see ``|0| ** p = inf`` or a minimum of 0: those
+    norms are taken over these pieces only.
+    """
+    if not getattr(param, "_is_flat_param", False):
+        return None
+    infos = getattr(param, "_shard_param_infos", None)
+    if infos is None:
+        return None
+    return tuple((i.offset_in_shard, i.numel_in_shard) for i in infos if i.in_shard)
 
 
 def _mesh_group(mesh: Any) -> Any:
@@ -114,7 +161,8 @@ def _mesh_group(mesh: Any) -> Any:
     return mesh._flatten().get_group()
 
 
-def _root_of(mesh: Any) -> Any:
+def root_mesh(mesh: Any) -> Any:
+    """The device mesh ``mesh`` was sliced from (``mesh`` itself if it is a root)."""
     return mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
 
 
@@ -124,7 +172,7 @@ def mesh_dims_in_use(params: Sequence[Tensor]) -> dict[int, frozenset[str]]:
     for param in params:
         if is_dtensor(param):
             mesh = param.device_mesh  # type: ignore[attr-defined]
-            used.setdefault(id(_root_of(mesh)), set()).update(mesh.mesh_dim_names or ())
+            used.setdefault(id(root_mesh(mesh)), set()).update(mesh.mesh_dim_names or ())
     return {key: frozenset(names) for key, names in used.items()}
 
 
@@ -146,7 +194,7 @@ def _classify_dtensor(
         # A parameter on a sub-mesh is a copy along the root's other dimensions only if
         # some parameter lives on them (TP next to FSDP); a dimension nobody lives on
         # may hold different parameters (pipeline stages): never fold across it.
-        root = _root_of(mesh)
+        root = root_mesh(mesh)
         if root is not mesh and names is not None and root.mesh_dim_names is not None:
             missing = set(root.mesh_dim_names) - set(names)
             if missing <= dims_in_use.get(id(root), frozenset()):
@@ -179,10 +227,24 @@ def classify(
         NotImplementedError: a DTensor with a Partial placement.
     """
     placement: Placement
-    if is_dtensor(param):
+    layout = get_layout(param)
+    if layout is not None:
+        groups = layout.sharded_over
+        if not groups:
+            placement = Placement("replicated")
+        else:
+            placement = Placement("marked", groups[0] if len(groups) == 1 else groups)
+    elif is_dtensor(param):
         placement = _classify_dtensor(param, fold_into_root, dims_in_use or {})
     elif fsdp1 is not None and id(param) in fsdp1:
         placement = fsdp1[id(param)]
+    elif is_fsdp1_param(param) and fsdp1 is not None:
+        raise ValueError(
+            "distclip: a parameter is managed by an FSDP1 (FullyShardedDataParallel) unit "
+            "that the module given as model= does not contain, so its process group is "
+            "unknown; pass the FSDP root module (or a module holding every FSDP unit whose "
+            "parameters are clipped) as model="
+        )
     elif is_fsdp1_param(param):
         raise ValueError(
             "distclip: the parameters are managed by FSDP1 (FullyShardedDataParallel), whose "
@@ -193,7 +255,7 @@ def classify(
         )
     else:
         placement = Placement("replicated")
-    if getattr(param, SHARED_ATTR, False):
+    if is_marked_shared(param):
         placement = Placement(placement.kind, placement.process_group, placement.counted, True)
     return placement
 

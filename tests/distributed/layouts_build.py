@@ -19,6 +19,8 @@ Layouts (``spec["layout"]``):
   and ``out`` stay plain (replicated) tensors; every rank sees the whole batch;
 * ``fsdp2_tp``: a 2x2 ``("dp", "tp")`` mesh, TP as above on ``mesh["tp"]``,
   ``fully_shard`` on ``mesh["dp"]`` (``fc3`` and the root's ``out`` only there);
+* ``hand_tp``: Megatron-style tensor parallelism on plain tensors, told to distclip
+  with ``mark_layout`` (see ``layouts_hand``);
 * ``pipeline``: two stages of ``TiedMLP`` (rank ``r`` of 2 holds stage ``r``; on 4
   ranks a ``("pp", "dp")`` mesh, each stage ``fully_shard``-ed over ``mesh["dp"]``),
   activations and their gradients sent point to point, the tied weight's gradient
@@ -149,6 +151,17 @@ def _fsdp1_flat_full_grads(root: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def fsdp1_full_grads(root: nn.Module, use_orig_params: bool) -> dict[str, Tensor]:
+    """Every original parameter's whole gradient under the FSDP1 ``root``, by clean name."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+    if not use_orig_params:
+        return _fsdp1_flat_full_grads(root)
+    with FSDP.summon_full_params(root, with_grads=True):
+        return {clean_tensor_name(n): p.grad.clone() for n, p in root.named_parameters()}
+
+
 def fsdp1(spec: dict[str, Any]) -> Prepared:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
@@ -182,10 +195,7 @@ def fsdp1(spec: dict[str, Any]) -> Prepared:
             return {clean_tensor_name(n): p.detach().clone() for n, p in root.named_parameters()}
 
     def full_grads() -> dict[str, Tensor]:
-        if not spec["use_orig_params"]:
-            return _fsdp1_flat_full_grads(root)
-        with FSDP.summon_full_params(root, with_grads=True):
-            return {clean_tensor_name(n): p.grad.clone() for n, p in root.named_parameters()}
+        return fsdp1_full_grads(root, spec["use_orig_params"])
 
     prepared = _simple(root, (rank, world), average_ignored_grads)
     prepared.full_params, prepared.full_grads, prepared.model = full_params, full_grads, root
@@ -327,4 +337,8 @@ BUILDERS: dict[str, Callable[[dict[str, Any]], Prepared]] = {
 
 def build(spec: dict[str, Any]) -> Prepared:
     """The layout ``spec["layout"]`` of this rank (every rank must call it together)."""
+    if spec["layout"] == "hand_tp":  # its own module: it builds on this one
+        from layouts_hand import hand_tp
+
+        return hand_tp(spec)
     return BUILDERS[spec["layout"]](spec)

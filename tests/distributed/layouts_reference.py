@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from layouts_setup import full_batch, loss_fn, make_model
 
+from tests import reference
+
 EPS = 1e-6
 
 
@@ -41,10 +43,7 @@ class Reference:
 
 def norm_of(grads: Iterable[torch.Tensor], norm_type: float) -> float:
     """The ``norm_type``-norm of every element of ``grads``, in float64 with numpy."""
-    flat = np.concatenate([g.detach().double().reshape(-1).numpy() for g in grads])
-    if math.isinf(norm_type):
-        return float(np.max(np.abs(flat)))
-    return float(np.sum(np.abs(flat) ** norm_type) ** (1.0 / norm_type))
+    return reference.norm_of(list(grads), norm_type)
 
 
 def reference_grads(kind: str, step: int = 0) -> dict[str, torch.Tensor]:

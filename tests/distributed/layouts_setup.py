@@ -170,4 +170,12 @@ def make_spec(layout: str, **options: Any) -> dict[str, Any]:
 
 
 #: Options that only some layouts read (see ``layouts_build``).
-LAYOUT_OPTIONS = {"sharding", "use_orig_params", "ignored", "hsdp", "shared", "new_group"}
+LAYOUT_OPTIONS = {
+    "sharding",
+    "use_orig_params",
+    "ignored",
+    "hsdp",
+    "shared",
+    "new_group",
+    "mixed",
+}

@@ -7,7 +7,8 @@ parallel, and two pipeline stages holding a tied weight. Each run trains 24 step
 AutoClip + SGD (window 8) and is checked by ``layouts_asserts.check_run``: every
 rank's norm, threshold and coefficient are bit-identical across ranks and equal the
 reference to 1e-5, final parameters too; every ``step()`` issues exactly the
-expected all-reduces; ``get_total_norm``/``clip_grad_norm_`` give the reference.
+expected all-reduces; ``grad_norm``, ``get_total_norm`` and ``clip_grad_norm_`` give
+the reference for every norm type (SUM, MAX, MIN, count, negative p).
 
 One process group serves the whole module (``group2``).
 """
@@ -46,6 +47,9 @@ SPECS: dict[str, tuple[dict[str, Any], int]] = {
     "fsdp2-inf": (make_spec("fsdp2", norm_type=math.inf, integration="attach"), 1),
     "tp": (make_spec("tp", momentum=0.9, check_first_step=False), 1),
     "tp-inf": (make_spec("tp", norm_type=math.inf, integration="attach"), 1),
+    # Tensor parallelism by hand on plain tensors, told with mark_layout: one all-reduce.
+    "hand-tp": (make_spec("hand_tp", momentum=0.9), 1),
+    "hand-tp-inf": (make_spec("hand_tp", norm_type=math.inf, integration="attach"), 1),
     "pipeline-mark-shared": (make_spec("pipeline", shared="mark_shared", momentum=0.9), 1),
     "pipeline-megatron-attr": (
         make_spec("pipeline", shared="attr", new_group=True, integration="attach"),
@@ -114,7 +118,7 @@ def test_fsdp1_without_model_is_refused(group2: ProcessGroupHarness, use_orig_pa
     """FSDP1 parameters without ``model=``: a ValueError at construction that says so."""
     spec = make_spec("fsdp1", sharding="FULL_SHARD", use_orig_params=use_orig_params)
     for errors in group2.run(workers_layouts.fsdp1_without_model, spec):
-        for entry in ("subclass", "attach", "get_total_norm"):
+        for entry in ("subclass", "attach", "get_total_norm", "grad_norm"):
             message = errors[entry]
             assert message is not None, f"{entry}: no ValueError"
             assert "model=" in message, message
@@ -206,3 +210,37 @@ def test_ddp_no_collectives_in_step(group2: ProcessGroupHarness) -> None:
                     "group_size": 1,
                 }
             ]
+
+
+def test_hand_tp_plan(group2: ProcessGroupHarness) -> None:
+    """The hand-split tensors (fc1, fc2.weight) are reduced over their group, once per step;
+    the rest, marked or not, is replicated and counted once."""
+    for result in run_spec(group2, "hand-tp"):
+        rows = {row["kind"]: row for row in result["plan"]}
+        assert rows["marked"] == {
+            "kind": "marked",
+            "num_params": 3,
+            "num_counted": 3,
+            "reduced": True,
+            "group_size": 2,
+        }
+        assert rows["replicated"]["num_params"] == 5
+        assert not rows["replicated"]["reduced"]
+
+
+def test_mark_layout_errors(group2: ProcessGroupHarness) -> None:
+    """A wrong explicit layout is a typed error naming the fix, on every entry point."""
+    results = group2.run(workers_layouts.mark_layout_errors)
+    for rank, errors in enumerate(results):
+        assert errors["type"].startswith("TypeError: sharded_over must be a torch.distributed")
+        if rank == 0:
+            assert errors["not_member"] is None
+        else:
+            assert errors["not_member"].startswith("ValueError: sharded_over: rank 1 is not")
+        assert errors["overlap"].startswith("ValueError: replicated_over: the group of ranks")
+        for entry in ("norm_clip", "optimizer", "attach", "clip_grad_norm", "get_total_norm"):
+            message = errors[f"coverage_{entry}"]
+            assert message is not None, entry
+            assert message.startswith("ValueError: distclip.mark_layout:"), message
+            assert "= 1 ranks, but each copy of the model spans 2" in message, message
+        assert errors["agc"].startswith("NotImplementedError: distclip: method 'agc'")

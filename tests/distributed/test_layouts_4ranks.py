@@ -41,6 +41,11 @@ SPECS: dict[str, tuple[dict[str, Any], int]] = {
     "tp": (make_spec("tp", momentum=0.9, check_first_step=False), 1),
     "fsdp2-tp": (make_spec("fsdp2_tp", momentum=0.9), 1),
     "fsdp2-tp-inf": (make_spec("fsdp2_tp", norm_type=math.inf, integration="attach"), 1),
+    # Tensor parallelism by hand (tp x dp, mark_layout): one all-reduce over tp; mixed
+    # with FSDP2 DTensors over dp for fc3 and out: one more, over dp.
+    "hand-tp": (make_spec("hand_tp", momentum=0.9, integration="attach"), 1),
+    "hand-tp-mixed": (make_spec("hand_tp", mixed=True, momentum=0.9), 2),
+    "hand-tp-mixed-3": (make_spec("hand_tp", mixed=True, norm_type=3.0), 2),
     # One all-reduce over the stage's dp group, one over the pipeline group.
     "pipeline-fsdp2": (make_spec("pipeline", shared="mark_shared", momentum=0.9), 2),
     "pipeline-fsdp2-megatron-attr": (

@@ -43,6 +43,27 @@ C10D_COLLECTIVES = (
 #: ``clip_grad_norm_``'s ``max_norm`` in the functional checks (below every first norm).
 FUNCTIONAL_MAX_NORM = 1.0
 
+#: Norm types the functional checks measure on every layout: one per reduction (SUM,
+#: MAX, MIN, a count) and a negative p (which sees FSDP1's padding if not excluded).
+FUNCTIONAL_NORM_TYPES = (2.0, math.inf, -math.inf, 0.0, -1.5)
+
+
+def value_of(norm: torch.Tensor) -> float:
+    """A norm as a float; a DTensor norm through ``full_tensor()`` (local for Replicate)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def describe_norm(norm: torch.Tensor) -> dict[str, Any]:
+    """What torch code would see of a returned norm: its value, type, placements, dtype."""
+    placements = getattr(norm, "placements", None)
+    return {
+        "value": value_of(norm),
+        "dtensor": placements is not None,
+        "placements": None if placements is None else [type(p).__name__ for p in placements],
+        "local": float(getattr(norm, "_local_tensor", norm)),
+        "dtype": str(norm.dtype),
+    }
+
 
 def _quiet() -> None:
     # FSDP2 over TP warns that Linear returns a view; FSDP1 warns about its own
@@ -100,7 +121,7 @@ def _zero_grads(prepared: Prepared) -> None:
         p.grad = None
 
 
-def _unmarked_norm(prepared: Prepared) -> torch.Tensor | None:
+def _unmarked_norm(prepared: Prepared) -> float | None:
     """The norm with the tied copy's ``shared`` mark removed (it then counts twice)."""
     marked = [p for p in prepared.params if getattr(p, "shared", False)]
     if not marked and prepared.pipeline_groups is None:
@@ -108,27 +129,48 @@ def _unmarked_norm(prepared: Prepared) -> torch.Tensor | None:
     for p in marked:
         del p.shared
     try:
-        return distclip.get_total_norm(prepared.params, **prepared.layout_kwargs)
+        return value_of(distclip.grad_norm(prepared.params, **prepared.layout_kwargs))
     finally:
         for p in marked:
             p.shared = True
 
 
 def functional_checks(prepared: Prepared, norm_type: float) -> dict[str, Any]:
-    """``get_total_norm`` (2 and inf) and ``clip_grad_norm_`` on step 0's gradients.
+    """The drop-ins on step 0's gradients, for every norm type of the functional checks.
 
-    The gradients are left cleared (``None``) and the parameters untouched.
+    ``grad_norm`` of the parameters (its collectives counted), ``get_total_norm`` of
+    the gradients (torch's idiom: each gradient's layout read from its parameter in
+    the module), then ``clip_grad_norm_``. The gradients are left cleared (``None``)
+    and the parameters untouched.
     """
     prepared.backward(0)
     kwargs = prepared.layout_kwargs
-    out: dict[str, Any] = {"norms": {}, "counts": {}}
-    for p in (2.0, math.inf):
+    gathered = prepared.full_grads()  # what the norms are of (gathering is a collective)
+    owner = prepared.model if prepared.model is not None else prepared.module
+    grads = [p.grad for p in prepared.params if p.grad is not None]
+    out: dict[str, Any] = {
+        "norms": {},
+        "grads_norms": {},
+        "counts": {},
+        "any_dtensor": any(hasattr(g, "placements") for g in grads),
+        "grads": gathered,
+        "from_per_tensor": {},
+    }
+    plan = distclip.ReductionPlan.build(prepared.params, **kwargs)
+    for p in FUNCTIONAL_NORM_TYPES:
         with count_collectives() as counts:
-            out["norms"][p] = distclip.get_total_norm(prepared.params, p, **kwargs)
+            out["norms"][p] = value_of(distclip.grad_norm(prepared.params, p, **kwargs))
         out["counts"][p] = dict(counts)
+        norm = distclip.get_total_norm(
+            grads, p, model=owner, pipeline_groups=prepared.pipeline_groups
+        )
+        out["grads_norms"][p] = describe_norm(norm)
+        # What layer_wise measures: per-tensor power sums (vector all-reduce), then total.
+        per_tensor = plan.per_tensor_powsums(p)
+        out["from_per_tensor"][p] = float(plan.total_from_powsums(per_tensor, p))
     out["unmarked_norm"] = _unmarked_norm(prepared)
-    out["clip_returned"] = distclip.clip_grad_norm_(
-        prepared.params, FUNCTIONAL_MAX_NORM, norm_type, **kwargs
+    out["clip_returned"] = describe_norm(
+        distclip.clip_grad_norm_(prepared.params, FUNCTIONAL_MAX_NORM, norm_type, **kwargs)
     )
     out["clipped_grads"] = prepared.full_grads()
     out["plan_num_collectives"] = distclip.ReductionPlan.build(
@@ -214,6 +256,7 @@ def fsdp1_without_model(spec: dict[str, Any]) -> dict[str, str | None]:
     error_of("subclass", lambda: cls(prepared.params, lr=0.05))
     error_of("attach", lambda: distclip.attach(torch.optim.SGD(prepared.params, lr=0.05), q=0.3))
     error_of("get_total_norm", lambda: distclip.get_total_norm(prepared.params))
+    error_of("grad_norm", lambda: distclip.grad_norm(prepared.params))
     return out
 
 
@@ -246,7 +289,7 @@ def torch_inf_norm_on_empty_shards(spec: dict[str, Any]) -> dict[str, Any]:
                 torch.nn.utils.clip_grad_norm_(prepared.params, 1.0, norm_type=p)
             except RuntimeError as exc:
                 out[f"torch_clip_error_{p}"] = str(exc)
-        out[f"distclip_norm_{p}"] = distclip.get_total_norm(prepared.params, p)
+        out[f"distclip_norm_{p}"] = value_of(distclip.grad_norm(prepared.params, p))
     out["grads_unchanged"] = all(
         torch.equal(g._local_tensor, b) for g, b in zip(grads, before, strict=True)
     )
@@ -270,7 +313,7 @@ def torch_clip_on_2d_mesh(spec: dict[str, Any]) -> dict[str, Any]:
         out["torch_error"] = str(exc)
     else:
         out["torch_error"] = None
-    out["distclip_norm"] = distclip.get_total_norm(prepared.params)
+    out["distclip_norm"] = value_of(distclip.grad_norm(prepared.params))
     return out
 
 
@@ -284,7 +327,7 @@ def forgot_pipeline_groups(spec: dict[str, Any]) -> dict[str, Any]:
     _quiet()
     prepared = build(spec)
     prepared.backward(0)
-    out: dict[str, Any] = {"norm": float(distclip.get_total_norm(prepared.params))}
+    out: dict[str, Any] = {"norm": value_of(distclip.grad_norm(prepared.params))}
     cls = distclip.AutoClippedOptimizer(torch.optim.SGD, q=spec["q"], window=spec["window"])
     optimizer = cls(prepared.params, lr=0.0)
     try:
@@ -293,4 +336,59 @@ def forgot_pipeline_groups(spec: dict[str, Any]) -> dict[str, Any]:
         out["error"] = f"{type(exc).__name__}: {exc}"
     else:
         out["error"] = None
+    return out
+
+
+def mark_layout_errors() -> dict[str, str | None]:
+    """What each wrong explicit layout raises on this rank (2 ranks), and where.
+
+    A wrong type, a group this rank is not in, overlapping groups (at
+    ``mark_layout``); groups that do not cover the job (when a plan is built: by
+    every entry point); AGC on a hand-split weight.
+    """
+    _quiet()
+    out: dict[str, str | None] = {}
+
+    def error_of(name: str, make: Any) -> None:
+        try:
+            make()
+        except (TypeError, ValueError, NotImplementedError) as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+        else:
+            out[name] = None
+
+    rank0_only = dist.new_group([0])  # every rank must create it
+    error_of(
+        "type", lambda: distclip.mark_layout(torch.nn.Parameter(torch.ones(2)), sharded_over="tp")
+    )
+    error_of(
+        "not_member",
+        lambda: distclip.mark_layout(torch.nn.Parameter(torch.ones(2)), sharded_over=rank0_only),
+    )
+    world = dist.group.WORLD
+    error_of(
+        "overlap",
+        lambda: distclip.mark_layout(
+            torch.nn.Parameter(torch.ones(2)), sharded_over=world, replicated_over=world
+        ),
+    )
+    model = torch.nn.Linear(3, 2)
+    distclip.mark_layout(model)  # neither sharded nor replicated over the 2 ranks: too few
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    params = list(model.parameters())
+    error_of("coverage_norm_clip", lambda: distclip.NormClip(params))
+    error_of(
+        "coverage_optimizer",
+        lambda: distclip.ClippedOptimizer(torch.optim.SGD, method="zclip")(params, lr=0.1),
+    )
+    error_of("coverage_attach", lambda: distclip.attach(torch.optim.SGD(params, lr=0.1)))
+    error_of("coverage_clip_grad_norm", lambda: distclip.clip_grad_norm_(params, 1.0))
+    error_of(
+        "coverage_get_total_norm",
+        lambda: distclip.get_total_norm([p.grad for p in params], model=model),
+    )
+    weight = torch.nn.Parameter(torch.ones(4, 3))
+    distclip.mark_layout(weight, sharded_over=world)
+    error_of("agc", lambda: distclip.make_clipper("agc", [weight]))
     return out

@@ -453,18 +453,26 @@ TABLE: list[Bad] = [
         r"^eps must be a finite number >= 0 \(a real number\), got '1e-6'$",
     ),
     Bad(
-        "norm-type-zero",
+        "norm-type-nan",
         "none",
-        lambda _: distclip.ClippedOptimizer(SGD, norm_type=0),
+        lambda _: distclip.ClippedOptimizer(SGD, norm_type=math.nan),
         ValueError,
-        r"^norm_type must be in \(0, inf\], got 0$",
+        r"^norm_type must be a real number p .*; NaN is not a norm type, got nan$",
     ),
     Bad(
         "norm-type-string",
         "none",
         lambda _: distclip.ClippedOptimizer(SGD, norm_type="fro"),
+        ValueError,
+        r"^norm_type must be a real number p \(0, negative, inf and -inf included\) or a "
+        r"string such as 'inf', got 'fro'$",
+    ),
+    Bad(
+        "norm-type-bool",
+        "none",
+        lambda _: distclip.ClippedOptimizer(SGD, norm_type=True),
         TypeError,
-        r"^norm_type must be a real number p > 0 or float\('inf'\), got 'fro'$",
+        r"^norm_type must be a real number p .* got True$",
     ),
     Bad(
         "check-every-negative",

@@ -78,13 +78,30 @@ def test_powsums_combine_exactly_across_partitions() -> None:
     torch.testing.assert_close(whole, parts, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
-def test_norm_type_out_of_range(bad: float) -> None:
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (2, 2.0),
+        (0, 0.0),
+        (-1.5, -1.5),
+        ("inf", math.inf),
+        ("-inf", -math.inf),
+        ("2", 2.0),
+        (np.float32(3.0), 3.0),
+        (-math.inf, -math.inf),
+    ],
+)
+def test_norm_type_accepts_what_torch_accepts(given: object, expected: float) -> None:
+    assert validate_norm_type(given) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), "nan", "fro"])
+def test_norm_type_out_of_range(bad: object) -> None:
     with pytest.raises(ValueError, match="norm_type"):
-        validate_norm_type(bad)
+        validate_norm_type(bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", ["2", None, True])
+@pytest.mark.parametrize("bad", [None, True, [2.0]])
 def test_norm_type_wrong_type(bad: object) -> None:
     with pytest.raises(TypeError, match="norm_type"):
         validate_norm_type(bad)  # type: ignore[arg-type]
