@@ -15,6 +15,9 @@ Entry points:
   names (and :func:`grad_norm`: the global norm of parameters' gradients);
 * :func:`mark_shared`, :func:`mark_layout`: what distclip is told about gradients it
   cannot classify by itself (a tied copy; an explicit sharding);
+* :func:`register_method` with :class:`GlobalFactorClipper` or :class:`PiecewiseClipper`,
+  a :class:`ClipConfig` and (for state) a :class:`MethodState`: a method of one's own,
+  usable by every entry point;
 * :class:`MetricsWriter`, :func:`read_metrics`: the per-step record as JSON lines,
   drawn by ``python -m distclip.plot``;
 * ``distclip.deepspeed``, ``distclip.hf``, ``distclip.accelerate``,
@@ -28,37 +31,26 @@ from types import ModuleType as _ModuleType
 
 from distclip._version import __version__
 from distclip.clippers import (
-    AGC,
     AutoClip,
-    AutoClipConfig,
     ClipConfig,
     Clipper,
     ClipStats,
-    CoordinateWiseClip,
-    LayerWiseClip,
-    LinearStochAutoClip,
-    LinearStochNormClip,
+    Decision,
+    GlobalFactorClipper,
+    MethodState,
     NormClip,
-    NormClipConfig,
-    QuadraticStochAutoClip,
-    QuadraticStochNormClip,
-    ValueClip,
-    ZClip,
+    Pieces,
+    PiecewiseClipper,
+    Units,
     available_methods,
     make_clipper,
+    register_method,
 )
 from distclip.errors import FrameworkClippingError, NonFiniteNormError, RankDesyncError
-from distclip.integrations import (
-    AutoClippedOptimizer,
-    ClipHandle,
-    ClippedOptimizer,
-    attach,
-    get_clipper,
-)
+from distclip.integrations import AutoClippedOptimizer, ClippedOptimizer, attach, get_clipper
 from distclip.integrations.metrics import METRICS_FIELDS, MetricsWriter, read_metrics
 from distclip.reduction import (
     Layout,
-    ReductionPlan,
     clip_grad_norm_,
     clip_grad_value_,
     clip_grads_with_norm_,
@@ -69,32 +61,25 @@ from distclip.reduction import (
 )
 
 __all__ = [
-    "AGC",
     "METRICS_FIELDS",
     "AutoClip",
-    "AutoClipConfig",
     "AutoClippedOptimizer",
     "ClipConfig",
-    "ClipHandle",
     "ClipStats",
     "ClippedOptimizer",
     "Clipper",
-    "CoordinateWiseClip",
+    "Decision",
     "FrameworkClippingError",
-    "LayerWiseClip",
+    "GlobalFactorClipper",
     "Layout",
-    "LinearStochAutoClip",
-    "LinearStochNormClip",
+    "MethodState",
     "MetricsWriter",
     "NonFiniteNormError",
     "NormClip",
-    "NormClipConfig",
-    "QuadraticStochAutoClip",
-    "QuadraticStochNormClip",
+    "Pieces",
+    "PiecewiseClipper",
     "RankDesyncError",
-    "ReductionPlan",
-    "ValueClip",
-    "ZClip",
+    "Units",
     "__version__",
     "attach",
     "available_methods",
@@ -108,6 +93,7 @@ __all__ = [
     "mark_layout",
     "mark_shared",
     "read_metrics",
+    "register_method",
 ]
 
 

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from torch import Tensor
 
-from distclip.clippers.base import Clipper
 from distclip.clippers.config import (
     ClipConfig,
     check_int,
     check_positive_finite,
     check_unit_interval,
 )
+from distclip.clippers.kinds import GlobalFactorClipper
+from distclip.clippers.registry import register_method
+from distclip.clippers.state import WindowState
 from distclip.reduction import ReductionPlan
 from distclip.window import NormWindow
 
-__all__ = ["AutoClip", "AutoClipConfig"]
+__all__ = ["AutoClip", "AutoClipConfig", "window_threshold"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,21 @@ class AutoClipConfig(ClipConfig):
             )
 
 
-class AutoClip(Clipper):
+def window_threshold(
+    window: NormWindow, config: AutoClipConfig, total_norm: Tensor, finite: Tensor
+) -> Tensor:
+    """AutoClip's threshold: the finite norm enters ``window`` first, then its capped quantile."""
+    window.push_(total_norm, finite)
+    threshold = window.quantile(config.q).to(total_norm.dtype)
+    if config.min_norm is not None or config.max_norm is not None:
+        threshold = threshold.clamp(min=config.min_norm, max=config.max_norm)
+    return threshold
+
+
+@register_method(
+    "autoclip", config=AutoClipConfig, class_prefix="AutoClipped", aliases=("auto_clip",)
+)
+class AutoClip(GlobalFactorClipper):
     r"""AutoClip (Seetharaman et al. 2020) with a rolling window, rank-consistent.
 
     At step t the global norm :math:`n_t` enters the window first (only if finite);
@@ -75,41 +90,16 @@ class AutoClip(Clipper):
             see :class:`AutoClipConfig` and :class:`~distclip.clippers.config.ClipConfig`.
     """
 
-    method = "autoclip"
-    class_prefix = "AutoClipped"
-    config_cls = AutoClipConfig
     config: AutoClipConfig
+    state: WindowState
 
-    def _init_state(self, plan: ReductionPlan) -> None:
-        self.window = NormWindow(self.config.window, device=plan.device, dtype=plan.dtype)
+    def _make_state(self, plan: ReductionPlan) -> WindowState:
+        return WindowState(self.config.window, device=plan.device, dtype=plan.dtype)
 
-    def _threshold(self, total_norm: Tensor, finite: Tensor) -> Tensor:
-        self.window.push_(total_norm, finite)
-        threshold = self.window.quantile(self.config.q).to(total_norm.dtype)
-        if self.config.min_norm is not None or self.config.max_norm is not None:
-            threshold = threshold.clamp(min=self.config.min_norm, max=self.config.max_norm)
-        return threshold
+    def threshold(self, total_norm: Tensor, finite: Tensor) -> Tensor:
+        return window_threshold(self.state.window, self.config, total_norm, finite)
 
-    def _state(self) -> dict[str, Any]:
-        return {"window": self.window.state_dict()}
-
-    def _validate_state(self, state: dict[str, Any]) -> None:
-        window = state.get("window")
-        if not isinstance(window, dict):
-            raise ValueError(f"an autoclip state must hold a 'window' dict, got {window!r:.80}")
-        self.window.validate_state_dict(window)
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        self.window.load_state_dict(state["window"])
-
-    def _reset_state(self) -> None:
-        self.window.reset()
-
-    def _state_tensors(self) -> list[Tensor]:
-        return [self.window.values, self.window.num_seen]
-
-    def _finite_count(self) -> Tensor | None:
-        return self.window.num_seen
-
-    def _state_finite_count(self, state: dict[str, Any]) -> int | None:
-        return int(state["window"]["num_seen"])
+    @property
+    def window(self) -> NormWindow:
+        """The window of past global norms (:class:`~distclip.window.NormWindow`)."""
+        return self.state.window

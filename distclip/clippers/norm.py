@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distclip.clippers.base import Clipper
 from distclip.clippers.config import ClipConfig, check_positive_finite
+from distclip.clippers.kinds import GlobalFactorClipper
+from distclip.clippers.registry import register_method
 
 __all__ = ["NormClip", "NormClipConfig"]
 
@@ -28,7 +29,8 @@ class NormClipConfig(ClipConfig):
         self._set("max_norm", check_positive_finite("max_norm", self.max_norm))
 
 
-class NormClip(Clipper):
+@register_method("norm", config=NormClipConfig, class_prefix="NormClipped")
+class NormClip(GlobalFactorClipper):
     r"""Fixed global-norm clipping: :math:`c = \min(1, \text{max\_norm} / (n + \epsilon))`.
 
     :math:`n` is the global norm over every rank's gradients. Stateless apart from
@@ -40,10 +42,7 @@ class NormClip(Clipper):
             :class:`NormClipConfig` and :class:`~distclip.clippers.config.ClipConfig`.
     """
 
-    method = "norm"
-    class_prefix = "NormClipped"
-    config_cls = NormClipConfig
     config: NormClipConfig
 
-    def _threshold(self, total_norm: Tensor, finite: Tensor) -> Tensor:
+    def threshold(self, total_norm: Tensor, finite: Tensor) -> Tensor:
         return torch.full_like(total_norm, self.config.max_norm)

@@ -1,41 +1,112 @@
-"""Method names to clipper classes: the one place a name is resolved."""
+"""Method names to clipper classes: a method is registered once, by its class.
+
+::
+
+    @register_method("norm", config=NormClipConfig, class_prefix="NormClipped")
+    class NormClip(GlobalFactorClipper): ...
+
+Everything else follows from the registration: :func:`make_clipper`, the optimizer
+classes of :func:`distclip.ClippedOptimizer` (named ``<class_prefix><Optimizer>``),
+:func:`distclip.attach`, the DeepSpeed config section, the framework integrations and
+:func:`available_methods`. One class may serve several names, each with its own
+``preset`` of constructor arguments (the four stochastic methods are one class).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from distclip.clippers.agc import AGC
-from distclip.clippers.autoclip import AutoClip
-from distclip.clippers.base import Clipper, ParamsLike
-from distclip.clippers.elementwise import CoordinateWiseClip, LayerWiseClip, ValueClip
-from distclip.clippers.norm import NormClip
-from distclip.clippers.stochastic import (
-    LinearStochAutoClip,
-    LinearStochNormClip,
-    QuadraticStochAutoClip,
-    QuadraticStochNormClip,
-)
-from distclip.clippers.zclip import ZClip
+from distclip.clippers.config import ClipConfig
 
-__all__ = ["METHODS", "available_methods", "make_clipper", "resolve_method"]
+if TYPE_CHECKING:
+    from distclip.clippers.base import Clipper
+    from distclip.clippers.params import ParamsLike
 
-#: Canonical names and aliases of the methods this version ships.
-METHODS: dict[str, type[Clipper]] = {
-    "norm": NormClip,
-    "value": ValueClip,
-    "autoclip": AutoClip,
-    "auto_clip": AutoClip,
-    "linear_stoch_norm": LinearStochNormClip,
-    "quadratic_stoch_norm": QuadraticStochNormClip,
-    "layer_wise": LayerWiseClip,
-    "coordinate_wise": CoordinateWiseClip,
-    "linear_stoch_autoclip": LinearStochAutoClip,
-    "quadratic_stoch_autoclip": QuadraticStochAutoClip,
-    "zclip": ZClip,
-    "agc": AGC,
-}
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "available_methods",
+    "make_clipper",
+    "register_method",
+    "resolve_method",
+    "validate_options",
+]
+
+_C = TypeVar("_C", bound="type[Clipper]")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered method name.
+
+    Attributes:
+        name: the canonical name (saved in checkpoints).
+        clipper_cls: the clipper class.
+        config_cls: the dataclass of the user's options.
+        class_prefix: prefix of the optimizer classes made for it (``AutoClippedAdamW``).
+        preset: constructor arguments this name fixes (not user options).
+        aliases: other accepted names.
+    """
+
+    name: str
+    clipper_cls: type[Clipper]
+    config_cls: type[ClipConfig]
+    class_prefix: str
+    preset: Mapping[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    def config(self, options: Mapping[str, Any]) -> ClipConfig:
+        """The validated configuration of ``options`` (see :meth:`ClipConfig.from_options`)."""
+        return self.config_cls.from_options(self.name, options)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.clipper_cls))
+
+
+#: Every accepted method name (aliases included) and its specification.
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    config: type[ClipConfig],
+    class_prefix: str | None = None,
+    aliases: tuple[str, ...] = (),
+    **preset: Any,
+) -> Callable[[_C], _C]:
+    """Class decorator: register the decorated clipper class as method ``name``.
+
+    Args:
+        name: the method name (also what checkpoints record), unique.
+        config: the configuration dataclass of its options (a :class:`ClipConfig`).
+        class_prefix: prefix of the optimizer classes made for it (default:
+            ``"<Name>Clipped"``, e.g. ``"ToyClipped"`` for ``"toy"``).
+        aliases: other names that resolve to it.
+        **preset: constructor arguments this name fixes (one class, several names).
+
+    Raises:
+        ValueError: ``name`` or an alias is registered already.
+        TypeError: ``config`` is not a :class:`ClipConfig` subclass.
+    """
+    if not (isinstance(config, type) and issubclass(config, ClipConfig)):
+        raise TypeError(f"config must be a subclass of distclip ClipConfig, got {config!r}")
+    taken = [n for n in (name, *aliases) if n in METHODS]
+    if taken:
+        raise ValueError(f"method name(s) {', '.join(map(repr, taken))} are registered already")
+
+    def register(cls: _C) -> _C:
+        prefix = class_prefix or "".join(part.title() for part in name.split("_")) + "Clipped"
+        spec = MethodSpec(name, cls, config, prefix, dict(preset), tuple(aliases))
+        for key in (name, *aliases):
+            METHODS[key] = spec
+        return cls
+
+    return register
 
 
 def available_methods() -> tuple[str, ...]:
@@ -43,8 +114,8 @@ def available_methods() -> tuple[str, ...]:
     return tuple(sorted(METHODS))
 
 
-def resolve_method(method: str) -> type[Clipper]:
-    """The clipper class of ``method``.
+def resolve_method(method: str) -> MethodSpec:
+    """The specification of ``method``.
 
     Raises:
         TypeError: ``method`` is not a string (the valid names are listed).
@@ -56,6 +127,18 @@ def resolve_method(method: str) -> type[Clipper]:
     if method not in METHODS:
         raise ValueError(f"unknown clipping method {method!r}; valid methods: {valid}")
     return METHODS[method]
+
+
+def validate_options(method: str, options: Mapping[str, Any]) -> tuple[MethodSpec, ClipConfig]:
+    """``(spec, config)`` of ``method`` with ``options``: what an integration checks early.
+
+    Error messages name ``method`` as given (an alias stays an alias).
+
+    Raises:
+        TypeError, ValueError: as :func:`resolve_method` and :meth:`ClipConfig.from_options`.
+    """
+    spec = resolve_method(method)
+    return spec, spec.config_cls.from_options(method, options)
 
 
 def make_clipper(
@@ -76,4 +159,7 @@ def make_clipper(
         TypeError: a method that is not a string; an unknown option or a value of the
             wrong type.
     """
-    return resolve_method(method)(params, model=model, pipeline_groups=pipeline_groups, **options)
+    spec, config = validate_options(method, options)
+    return spec.clipper_cls.from_config(
+        params, config, spec=spec, model=model, pipeline_groups=pipeline_groups
+    )

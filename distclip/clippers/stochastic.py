@@ -9,8 +9,13 @@ step for the whole model (the same on every rank):
 
 A spike (:math:`\\lambda / n \\to 0`) is clipped almost surely; a norm just above
 :math:`\\lambda` with probability about :math:`\\beta`. :math:`\\beta = 1` always clips
-above :math:`\\lambda`. The draw comes from a generator seeded with ``seed`` and the
-step count, so runs are reproducible and resume exactly.
+above :math:`\\lambda`. The draw is a hash of ``seed`` and the step count computed on the
+device (:func:`~distclip.functional.step_uniform`), so runs are reproducible, resume
+exactly and draw alike on every rank and device.
+
+One class serves the four methods, with two options fixed by the registered name: the
+``power`` (1: linear, 2: quadratic) and the ``level`` (``"fixed"``: ``max_norm``;
+``"autoclip"``: AutoClip's windowed quantile, window first).
 """
 
 from __future__ import annotations
@@ -21,27 +26,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distclip.clippers.autoclip import AutoClip, AutoClipConfig
-from distclip.clippers.base import Clipper
+from distclip._checks import is_real
+from distclip.clippers.autoclip import AutoClipConfig, window_threshold
 from distclip.clippers.config import ClipConfig, check_int, check_positive_finite
+from distclip.clippers.kinds import Decision, GlobalFactorClipper
+from distclip.clippers.registry import register_method
+from distclip.clippers.state import MethodState, WindowState
 from distclip.functional import step_uniform
 from distclip.reduction import ReductionPlan
 
-__all__ = [
-    "LinearStochAutoClip",
-    "LinearStochNormClip",
-    "QuadraticStochAutoClip",
-    "QuadraticStochNormClip",
-    "StochAutoClipConfig",
-    "StochNormConfig",
-]
+__all__ = ["StochAutoClipConfig", "StochNormConfig", "StochasticClip", "stochastic_coefficient"]
 
 #: Default stochastic base: norms just above the level are clipped half the time.
 DEFAULT_BETA = 0.5
 
 
 def _check_beta(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"beta must be a real number in (0, 1], got {value!r}")
     if not 0.0 < float(value) <= 1.0:
         raise ValueError(f"beta must be in (0, 1] (0 would never clip), got {value!r}")
@@ -64,66 +65,6 @@ def _check_draw_options(config: Any) -> None:
     check_int("seed", config.seed, minimum=0)
 
 
-class _Stochastic:
-    """Shared by the four stochastic methods: the draw and the scaling around a level.
-
-    The draw of step ``t`` (0-based) is ``step_uniform(seed, t)``; ``t`` is kept on the
-    device as well (``_draw_step``), so that a step issues no tensor from host data
-    and can be captured in a graph.
-    """
-
-    power: int
-    config: Any
-    num_steps: int
-
-    def _init_state(self, plan: ReductionPlan) -> None:
-        super()._init_state(plan)  # type: ignore[misc]
-        self._draw_step = torch.zeros((), dtype=torch.long, device=plan.device)
-
-    def _level(self, total_norm: Tensor, finite: Tensor) -> Tensor:
-        """This step's level (the fixed ``max_norm``, or AutoClip's threshold)."""
-        raise NotImplementedError
-
-    def _draw(self, total_norm: Tensor, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(level, coef, clipped)`` of this step; advances the draw counter."""
-        level = self._level(total_norm, finite)
-        u = step_uniform(self.config.seed, self._draw_step, total_norm.device)
-        self._draw_step.add_(1)
-        coef, clipped = stochastic_coefficient(
-            total_norm, level, self.config.beta, self.power, u, finite
-        )
-        return level, coef, clipped
-
-    def _external_threshold(
-        self, total_norm: Tensor, finite: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The level as threshold, and the draw as an engine threshold.
-
-        A clipping draw gives the engine ``level * (n + eps) / n`` (so its factor
-        ``min(1, t / (n + eps))`` is exactly ``level / n``); any other gives ``inf``.
-        """
-        level, coef, clipped = self._draw(total_norm, finite)
-        exact = level * (total_norm + self.config.eps) / total_norm
-        return level, coef, clipped, torch.where(clipped, exact, float("inf"))
-
-    def _apply(
-        self, plan: ReductionPlan, total_norm: Tensor, finite: Tensor, measured: Any
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        level, coef, clipped = self._draw(total_norm, finite)
-        self._scale(plan, coef)  # type: ignore[attr-defined]
-        return level, coef, clipped
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as :meth:`Clipper.load_state_dict`; the draws continue from ``num_steps``."""
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        self._draw_step.fill_(self.num_steps)
-
-    def reset(self) -> None:
-        """Forget the history as :meth:`Clipper.reset`; the draws start again from step 0."""
-        super().reset()  # type: ignore[misc]
-        self._draw_step.zero_()
-
-
 @dataclass(frozen=True)
 class StochNormConfig(ClipConfig):
     """Options of stochastic norm clipping (plus the common ones).
@@ -144,27 +85,6 @@ class StochNormConfig(ClipConfig):
         _check_draw_options(self)
 
 
-class LinearStochNormClip(_Stochastic, Clipper):
-    """Linear stochastic norm clipping: :math:`\\pi = \\beta^{\\lambda/n}` (module docstring)."""
-
-    method = "linear_stoch_norm"
-    class_prefix = "LinearStochNormClipped"
-    config_cls = StochNormConfig
-    config: StochNormConfig
-    power = 1
-
-    def _level(self, total_norm: Tensor, finite: Tensor) -> Tensor:
-        return torch.full_like(total_norm, self.config.max_norm)
-
-
-class QuadraticStochNormClip(LinearStochNormClip):
-    """Quadratic stochastic norm clipping: :math:`\\pi = \\beta^{(\\lambda/n)^2}`."""
-
-    method = "quadratic_stoch_norm"
-    class_prefix = "QuadraticStochNormClipped"
-    power = 2
-
-
 @dataclass(frozen=True)
 class StochAutoClipConfig(AutoClipConfig):
     """Options of stochastic AutoClip: AutoClip's (``q``, ``window``, ``max_norm``) plus
@@ -178,22 +98,90 @@ class StochAutoClipConfig(AutoClipConfig):
         _check_draw_options(self)
 
 
-class LinearStochAutoClip(_Stochastic, AutoClip):
-    """Linear stochastic AutoClip: the level is AutoClip's threshold :math:`P` (window first)."""
+@register_method(
+    "linear_stoch_norm",
+    config=StochNormConfig,
+    class_prefix="LinearStochNormClipped",
+    power=1,
+    level="fixed",
+)
+@register_method(
+    "quadratic_stoch_norm",
+    config=StochNormConfig,
+    class_prefix="QuadraticStochNormClipped",
+    power=2,
+    level="fixed",
+)
+@register_method(
+    "linear_stoch_autoclip",
+    config=StochAutoClipConfig,
+    class_prefix="LinearStochAutoClipped",
+    power=1,
+    level="autoclip",
+)
+@register_method(
+    "quadratic_stoch_autoclip",
+    config=StochAutoClipConfig,
+    class_prefix="QuadraticStochAutoClipped",
+    power=2,
+    level="autoclip",
+)
+class StochasticClip(GlobalFactorClipper):
+    """Stochastic norm clipping (see the module docstring); build it by method name.
 
-    method = "linear_stoch_autoclip"
-    class_prefix = "LinearStochAutoClipped"
-    config_cls = StochAutoClipConfig
-    config: StochAutoClipConfig
-    power = 1
+    ``power`` and ``level`` are fixed by the registered name
+    (``linear_stoch_norm``, ``quadratic_stoch_norm``, ``linear_stoch_autoclip``,
+    ``quadratic_stoch_autoclip``); the adaptive ones keep AutoClip's window (saved in
+    checkpoints). The draw of step ``t`` (0-based) is ``step_uniform(seed, t)``, with
+    ``t`` kept on the device too, so that a step issues no tensor from host data and
+    can be captured in a graph.
+    """
 
-    def _level(self, total_norm: Tensor, finite: Tensor) -> Tensor:
-        return self._threshold(total_norm, finite)
+    config: Any
 
+    @property
+    def power(self) -> int:
+        """1 (linear) or 2 (quadratic): the exponent of ``level / n`` in the probability."""
+        return int(self.spec.preset["power"])
 
-class QuadraticStochAutoClip(LinearStochAutoClip):
-    """Quadratic stochastic AutoClip: :math:`\\pi = \\beta^{(P/n)^2}`."""
+    @property
+    def adaptive(self) -> bool:
+        """True when the level is AutoClip's quantile, False when it is ``max_norm``."""
+        return bool(self.spec.preset["level"] == "autoclip")
 
-    method = "quadratic_stoch_autoclip"
-    class_prefix = "QuadraticStochAutoClipped"
-    power = 2
+    def _make_state(self, plan: ReductionPlan) -> MethodState:
+        self._draw_step = torch.zeros((), dtype=torch.long, device=plan.device)
+        if self.adaptive:
+            return WindowState(self.config.window, device=plan.device, dtype=plan.dtype)
+        return MethodState()
+
+    def decide(self, total_norm: Tensor, finite: Tensor, *, engine: bool = False) -> Decision:
+        """The level, the draw's factor, and the draw as an engine threshold.
+
+        A clipping draw gives the engine ``level * (n + eps) / n`` (so its factor
+        ``min(1, t / (n + eps))`` is exactly ``level / n``); any other gives ``inf``.
+        """
+        if self.adaptive:
+            assert isinstance(self.state, WindowState)
+            level = window_threshold(self.state.window, self.config, total_norm, finite)
+        else:
+            level = torch.full_like(total_norm, self.config.max_norm)
+        u = step_uniform(self.config.seed, self._draw_step, total_norm.device)
+        self._draw_step.add_(1)
+        coef, clipped = stochastic_coefficient(
+            total_norm, level, self.config.beta, self.power, u, finite
+        )
+        if not engine:
+            return Decision(level, coef, clipped)
+        exact = level * (total_norm + self.config.eps) / total_norm
+        return Decision(level, coef, clipped, torch.where(clipped, exact, float("inf")))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as :meth:`Clipper.load_state_dict`; the draws continue from ``num_steps``."""
+        super().load_state_dict(state_dict)
+        self._draw_step.fill_(self.num_steps)
+
+    def reset(self) -> None:
+        """Forget the history as :meth:`Clipper.reset`; the draws start again from step 0."""
+        super().reset()
+        self._draw_step.zero_()

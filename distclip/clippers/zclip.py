@@ -9,13 +9,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distclip.clippers.base import Clipper
+from distclip._checks import is_real, refuse_meta
 from distclip.clippers.config import (
     ClipConfig,
     check_choice,
     check_int,
     check_positive_finite,
 )
+from distclip.clippers.kinds import GlobalFactorClipper
+from distclip.clippers.registry import register_method
+from distclip.clippers.state import MethodState
 from distclip.reduction import ReductionPlan
 from distclip.window import COUNT_DTYPES
 
@@ -46,7 +49,7 @@ class ZClipConfig(ClipConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+        if not is_real(self.alpha):
             raise TypeError(f"alpha must be a real number in (0, 1), got {self.alpha!r}")
         if not 0.0 < float(self.alpha) < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha!r}")
@@ -57,7 +60,8 @@ class ZClipConfig(ClipConfig):
         check_choice("mode", self.mode, ZCLIP_MODES)
 
 
-class ZClip(Clipper):
+@register_method("zclip", config=ZClipConfig, class_prefix="ZClipped")
+class ZClip(GlobalFactorClipper):
     r"""ZClip: EMA z-score spike detection on the global norm, rank-consistent and checkpointed.
 
     The first ``warmup_steps`` finite norms are collected without clipping; their
@@ -77,33 +81,25 @@ class ZClip(Clipper):
     warm-up buffer, count, :math:`\mu`, :math:`v`, all saved in checkpoints.
     """
 
-    method = "zclip"
-    class_prefix = "ZClipped"
-    config_cls = ZClipConfig
     config: ZClipConfig
+    state: ZClipState
 
-    def _init_state(self, plan: ReductionPlan) -> None:
-        def zeros(*shape: int, dtype: torch.dtype = plan.dtype) -> Tensor:
-            return torch.zeros(shape, device=plan.device, dtype=dtype)
+    def _make_state(self, plan: ReductionPlan) -> ZClipState:
+        return ZClipState(self.config.warmup_steps, device=plan.device, dtype=plan.dtype)
 
-        self.warmup_norms = zeros(self.config.warmup_steps)
-        self.num_seen = zeros(dtype=torch.long)
-        self.mean = zeros()
-        self.var = zeros()
-
-    def _threshold(self, total_norm: Tensor, finite: Tensor) -> Tensor:
-        cfg = self.config
-        norm = total_norm.to(self.mean.dtype)
-        in_warmup = self.num_seen < cfg.warmup_steps
+    def threshold(self, total_norm: Tensor, finite: Tensor) -> Tensor:
+        cfg, st = self.config, self.state
+        norm = total_norm.to(st.mean.dtype)
+        in_warmup = st.num_seen < cfg.warmup_steps
         # Warm-up: collect the norm; the step that fills the buffer initialises mu, v.
-        position = self.num_seen.clamp(max=cfg.warmup_steps - 1).reshape(1)
+        position = st.num_seen.clamp(max=cfg.warmup_steps - 1).reshape(1)
         collect = finite & in_warmup
-        current = self.warmup_norms.gather(0, position)
-        self.warmup_norms.scatter_(0, position, torch.where(collect, norm.reshape(1), current))
-        self.num_seen.add_(finite.to(torch.long))
-        completes = collect & (self.num_seen == cfg.warmup_steps)
-        mean = torch.where(completes, self.warmup_norms.mean(), self.mean)
-        var = torch.where(completes, self.warmup_norms.var(unbiased=False), self.var)
+        current = st.warmup_norms.gather(0, position)
+        st.warmup_norms.scatter_(0, position, torch.where(collect, norm.reshape(1), current))
+        st.num_seen.add_(finite.to(torch.long))
+        completes = collect & (st.num_seen == cfg.warmup_steps)
+        mean = torch.where(completes, st.warmup_norms.mean(), st.mean)
+        var = torch.where(completes, st.warmup_norms.var(unbiased=False), st.var)
         # After warm-up: z-score against the EMA as it was before this step.
         active = finite & ~in_warmup
         std = var.sqrt()
@@ -118,23 +114,52 @@ class ZClip(Clipper):
         clipped_norm = torch.minimum(norm, z_threshold)
         new_mean = cfg.alpha * mean + (1.0 - cfg.alpha) * clipped_norm
         new_var = cfg.alpha * var + (1.0 - cfg.alpha) * (clipped_norm - new_mean) ** 2
-        self.mean.copy_(torch.where(active, new_mean, mean))
-        self.var.copy_(torch.where(active, new_var, var))
+        st.mean.copy_(torch.where(active, new_mean, mean))
+        st.var.copy_(torch.where(active, new_var, var))
         threshold = z_threshold
         if cfg.max_norm is not None:
             threshold = threshold.clamp(max=cfg.max_norm)
         return threshold.to(total_norm.dtype)
 
-    def _state(self) -> dict[str, Any]:
-        return {
-            "warmup_norms": self.warmup_norms,
-            "num_seen": self.num_seen,
-            "mean": self.mean,
-            "var": self.var,
-        }
+    # The EMA's tensors, as earlier releases exposed them on the clipper.
+    @property
+    def mean(self) -> Tensor:
+        """The EMA of the norm's mean."""
+        return self.state.mean
 
-    def _validate_state(self, state: dict[str, Any]) -> None:
-        size = self.config.warmup_steps
+    @property
+    def var(self) -> Tensor:
+        """The EMA of the norm's variance."""
+        return self.state.var
+
+    @property
+    def num_seen(self) -> Tensor:
+        """Finite norms seen so far."""
+        return self.state.num_seen
+
+    @property
+    def warmup_norms(self) -> Tensor:
+        """The warm-up buffer."""
+        return self.state.warmup_norms
+
+
+class ZClipState(MethodState):
+    """ZClip's state: the warm-up buffer, the count of finite norms, the EMA's mean and variance."""
+
+    _KEYS = ("warmup_norms", "num_seen", "mean", "var")
+
+    def __init__(self, warmup_steps: int, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.warmup_steps = warmup_steps
+        self.warmup_norms = torch.zeros(warmup_steps, device=device, dtype=dtype)
+        self.num_seen = torch.zeros((), device=device, dtype=torch.long)
+        self.mean = torch.zeros((), device=device, dtype=dtype)
+        self.var = torch.zeros((), device=device, dtype=dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self._KEYS}
+
+    def validate_state_dict(self, state: dict[str, Any]) -> None:
+        size = self.warmup_steps
         expected = {"warmup_norms": (size,), "num_seen": (), "mean": (), "var": ()}
         for key, shape in expected.items():
             value = state.get(key)
@@ -143,8 +168,7 @@ class ZClip(Clipper):
                     f"a zclip state needs '{key}' as a tensor of shape {shape} "
                     f"(warmup_steps={size}), got {value!r:.80}"
                 )
-            if value.is_meta:
-                raise ValueError(f"zclip {key!r} is on the meta device and holds no data")
+            refuse_meta(f"zclip {key!r}", value)
             integer = key == "num_seen"
             if integer and value.dtype not in COUNT_DTYPES:
                 raise ValueError(f"zclip 'num_seen' must be an integer tensor, got {value.dtype}")
@@ -166,22 +190,22 @@ class ZClip(Clipper):
         if bool(var < 0):
             raise ValueError(f"zclip 'var' must be >= 0, got {float(var)}")
 
-    def _load_state(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         device, dtype = self.mean.device, self.mean.dtype
-        loaded = {
-            key: state[key].detach().to(device, dtype, copy=True)
-            for key in ("warmup_norms", "mean", "var")
-        }
-        loaded["num_seen"] = state["num_seen"].detach().to(device, torch.long, copy=True)
-        for key, value in loaded.items():
-            setattr(self, key, value)
+        for key in ("warmup_norms", "mean", "var"):
+            setattr(self, key, state[key].detach().to(device, dtype, copy=True))
+        self.num_seen = state["num_seen"].detach().to(device, torch.long, copy=True)
 
-    def _finite_count(self) -> Tensor | None:
-        return self.num_seen
-
-    def _state_finite_count(self, state: dict[str, Any]) -> int | None:
-        return int(state["num_seen"])
-
-    def _reset_state(self) -> None:
+    def reset(self) -> None:
         for tensor in (self.warmup_norms, self.num_seen, self.mean, self.var):
             tensor.zero_()
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self, key) for key in self._KEYS]
+
+    def finite_count(self) -> Tensor | None:
+        return self.num_seen
+
+    @staticmethod
+    def saved_finite_count(state: dict[str, Any]) -> int | None:
+        return int(state["num_seen"])

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from distclip.clippers import resolve_method
+from distclip.clippers import validate_options
 from distclip.errors import FrameworkClippingError
 from distclip.integrations.binding import binding_of
 from distclip.integrations.frameworks import GUARD_ATTR
@@ -116,7 +116,7 @@ def _check_options(method: str | None, options: dict[str, Any], *, deepspeed: bo
         )
         return
     name = method or DEFAULT_METHOD
-    resolve_method(name).config_cls.from_options(name, options)
+    validate_options(name, options)
 
 
 class AccelerateHandle:

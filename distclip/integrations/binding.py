@@ -200,10 +200,14 @@ class OptimizerBinding:
             self._framework_checked = True
         self.refresh_params(optimizer)
         self._unscale_amp_grads(optimizer)
-        # A fused optimizer applies the clip factor in its own pass (grad_scale).
-        fold = uses_fused_step(optimizer) and self._optimizer_state_ready(optimizer)
+        # A fused optimizer applies a global-factor clip in its own pass (grad_scale).
+        fold = (
+            self.clipper.kind == "global"
+            and uses_fused_step(optimizer)
+            and self._optimizer_state_ready(optimizer)
+        )
         stats = self.clipper.clip_(defer_scale=fold)
-        self._folded_coef = self.clipper.deferred_coef if fold else None
+        self._folded_coef = stats.clip_coef if fold else None
         optimizer.last_clip = stats  # type: ignore[attr-defined]
         self.mirrors.publish(stats)
         return stats
@@ -284,6 +288,33 @@ class OptimizerBinding:
                     token.hidden_grads.append((param, param.grad))
                     param.grad = None
         return token
+
+    @property
+    def armed(self) -> bool:
+        """True between :meth:`arm_step` and :meth:`end_step` (inside a hooked step)."""
+        return self._armed is not None
+
+    def arm_step(self, optimizer: Optimizer, stats: ClipStats) -> None:
+        """:meth:`arm_skip` for a step that runs anyway (a step pre-hook); held until
+        :meth:`end_step`. A step that raised before its end is recovered first."""
+        self.recover_stale(optimizer)
+        self._armed = self.arm_skip(optimizer, stats, can_bypass=False)
+
+    def end_step(self, optimizer: Optimizer) -> None:
+        """Undo :meth:`arm_step` after the optimizer's update (a step post-hook)."""
+        if self._armed is not None:
+            token, self._armed = self._armed, None
+            self.disarm_skip(optimizer, token)
+
+    def recover_stale(self, optimizer: Optimizer) -> None:
+        """Undo what a step that raised before its end left armed (``found_inf``,
+        ``grad_scale``), and drop the gradients it hid: they belong to that failed
+        (NaN/inf) step, and the gradients the new step computed since are the live ones.
+        Putting the hidden ones back would overwrite the new step's gradients."""
+        if self._armed is not None:
+            token, self._armed = self._armed, None
+            token.hidden_grads.clear()
+            self.disarm_skip(optimizer, token)
 
     @eager_only()
     def disarm_skip(self, optimizer: Optimizer, token: SkipToken) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from distclip._checks import is_positive_real
 from distclip.errors import FrameworkClippingError
 from distclip.integrations.wrappers import describe_chain, is_deepspeed_wrapper, wrapper_chain
 from distclip.reduction import is_distributed
@@ -196,7 +197,7 @@ def _refuse_trainer_clipping(method: str, found: tuple[FrameworkClipping, Any] |
         return
     framework, trainer = found
     value = framework.clip_value(trainer)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if not is_positive_real(value):
         return
     raise FrameworkClippingError(
         f"distclip {method}: {framework.name} clips the gradients itself before "

@@ -41,6 +41,7 @@ import logging
 import sys
 from typing import Any
 
+from distclip._checks import is_positive_real
 from distclip.clippers import Clipper, ClipStats
 from distclip.errors import FrameworkClippingError
 from distclip.integrations.accelerate import AccelerateHandle
@@ -100,7 +101,7 @@ class TrainerHandle:
     def _turn_off_max_grad_norm(self) -> None:
         args = self.trainer.args
         value = getattr(args, "max_grad_norm", None)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        if not is_positive_real(value):
             return
         self.max_grad_norm = float(value)
         args.max_grad_norm = 0.0

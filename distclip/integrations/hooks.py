@@ -148,19 +148,15 @@ def attach(
     binding = OptimizerBinding(clipper, optimizer)
 
     def pre_step(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if binding._armed is not None:  # the last step raised before the post-hook
-            binding.disarm_skip(opt, binding._armed)
-            binding._armed = None
+        binding.recover_stale(opt)  # the last step raised before the post-hook
         replaced = _replace_closure(args, kwargs)
         stats = binding.before_step(opt)
         if stats is not None:
-            binding._armed = binding.arm_skip(opt, stats, can_bypass=False)
+            binding.arm_step(opt, stats)
         return replaced
 
     def post_step(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if binding._armed is not None:
-            binding.disarm_skip(opt, binding._armed)
-            binding._armed = None
+        binding.end_step(opt)
 
     def add_state(opt: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         return binding.add_state(state_dict)

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from distclip.clippers import Clipper, ClipStats, resolve_method
+from distclip.clippers import Clipper, ClipStats, resolve_method, validate_options
 from distclip.integrations.frameworks import check_trainer
 from distclip.integrations.hooks import attach, get_clipper
 from distclip.integrations.metrics import MetricsWriter
@@ -142,8 +142,8 @@ class LightningClipping:
         **options: Any,
     ) -> None:
         if method is not None or options:
-            clipper_cls = resolve_method(method or "autoclip")
-            clipper_cls.config_cls.from_options(clipper_cls.method, options)  # fail early
+            name = method or "autoclip"
+            validate_options(resolve_method(name).name, options)  # fail early
         if not isinstance(log, bool):
             raise TypeError(f"log must be a bool, got {type(log).__name__}")
         if not isinstance(prefix, str):

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from distclip.clippers import ClipConfig, Clipper, ClipStats, resolve_method
+from distclip.clippers import ClipConfig, Clipper, ClipStats, MethodSpec, resolve_method
+from distclip.clippers.params import meta_parameter_message
 from distclip.integrations.binding import OptimizerBinding, evaluate_closure
 from distclip.integrations.frameworks import check_framework_clipping
 
@@ -52,11 +53,7 @@ def check_param_groups(param_groups: list[dict[str, Any]]) -> None:
     params = [p for group in param_groups for p in group["params"]]
     for index, param in enumerate(params):
         if isinstance(param, Tensor) and param.is_meta:
-            raise ValueError(
-                f"parameter {index} of {len(params)} (shape {tuple(param.shape)}) is on the "
-                "meta device: it holds no data and gets no gradient to clip; materialise the "
-                "model first (e.g. model.to_empty(device=...) and initialise it)"
-            )
+            raise ValueError(meta_parameter_message(index, param, f" of {len(params)}"))
     if params and not any(isinstance(p, Tensor) and p.requires_grad for p in params):
         raise ValueError(
             f"none of the {len(params)} parameters requires grad, so autograd never gives "
@@ -88,7 +85,7 @@ class ClippedOptimizerMixin:
     """
 
     _distclip_base: type[Optimizer]
-    _distclip_clipper_cls: type[Clipper]
+    _distclip_spec: MethodSpec
     _distclip_config: ClipConfig
     _distclip: OptimizerBinding
     last_clip: ClipStats | None
@@ -125,8 +122,13 @@ class ClippedOptimizerMixin:
             )
         super().__init__(*args, **kwargs)
         check_param_groups(self.param_groups)
-        clipper = self._distclip_clipper_cls.from_config(
-            self.param_groups, self._distclip_config, model=model, pipeline_groups=pipeline_groups
+        spec = self._distclip_spec
+        clipper = spec.clipper_cls.from_config(
+            self.param_groups,
+            self._distclip_config,
+            spec=spec,
+            model=model,
+            pipeline_groups=pipeline_groups,
         )
         check_framework_clipping(clipper.method)
         self._distclip = OptimizerBinding(clipper, self)  # type: ignore[arg-type]
@@ -207,7 +209,7 @@ class ClippedOptimizerMixin:
         options = self._distclip_config.as_dict()
         return (
             _rebuild,
-            (self._distclip_base, self._distclip_clipper_cls.method, options),
+            (self._distclip_base, self._distclip_spec.name, options),
             self.__getstate__(),
         )
 
@@ -221,7 +223,7 @@ def ClippedOptimizer(optimizer_cls: type[_O], method: str = "autoclip", **option
 
     Args:
         optimizer_cls: a subclass of ``torch.optim.Optimizer``.
-        method: ``"autoclip"`` (alias ``"auto_clip"``) or ``"norm"``.
+        method: a registered method name (see :func:`distclip.available_methods`).
         **options: the method's options, e.g. ``q``, ``window``, ``max_norm`` for
             AutoClip; common ones: ``norm_type``, ``nonfinite``, ``eps``,
             ``foreach``, ``check_every``.
@@ -244,19 +246,19 @@ def ClippedOptimizer(optimizer_cls: type[_O], method: str = "autoclip", **option
             f"{optimizer_cls.__name__} already clips its gradients; pass its base class "
             f"{optimizer_cls._distclip_base.__name__} instead"
         )
-    clipper_cls = resolve_method(method)
-    config = clipper_cls.config_cls.from_options(clipper_cls.method, options)
-    key = (optimizer_cls, clipper_cls.method, config)
+    spec = resolve_method(method)
+    config = spec.config(options)
+    key = (optimizer_cls, spec.name, config)
     cls = _CLASS_CACHE.get(key)
     if cls is None:
-        name = f"{clipper_cls.class_prefix}{optimizer_cls.__name__}"
+        name = f"{spec.class_prefix}{optimizer_cls.__name__}"
         namespace = {
             "_distclip_base": optimizer_cls,
-            "_distclip_clipper_cls": clipper_cls,
+            "_distclip_spec": spec,
             "_distclip_config": config,
             "__module__": __name__,
             "__qualname__": name,
-            "__doc__": f"{optimizer_cls.__name__} with {clipper_cls.method} clipping "
+            "__doc__": f"{optimizer_cls.__name__} with {spec.name} clipping "
             f"({config.as_dict()}); see distclip.ClippedOptimizer.",
         }
         cls = type(name, (ClippedOptimizerMixin, optimizer_cls), namespace)

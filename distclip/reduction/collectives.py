@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from distclip._checks import is_positive_real
 from distclip.functional import reduce_op
 
 __all__ = [
@@ -89,7 +90,7 @@ def wait_for_ranks(group: dist.ProcessGroup | None, timeout: timedelta | float) 
     from distclip.errors import RankDesyncError
 
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+    if not is_positive_real(seconds):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if "gloo" not in str(dist.get_backend(group)):
         return

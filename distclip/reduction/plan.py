@@ -174,6 +174,8 @@ class ReductionPlan:
         self.pipeline_groups = tuple(pipeline_groups)
         self._shared = [tied for g in self.groups for tied in g.shared]
         self._total_mask: Tensor | None = None
+        #: Values derived from the layout once, by whoever needs them (index tensors).
+        self.cache: dict[Any, Any] = {}
 
     @property
     def total_mask(self) -> Tensor:

@@ -21,8 +21,7 @@ import torch
 
 import distclip
 import distclip.deepspeed as dsclip
-from distclip.clippers import AutoClipConfig, NormClipConfig
-from distclip.clippers.elementwise import LayerWiseConfig, ValueConfig
+from distclip.clippers import AutoClipConfig, LayerWiseConfig, NormClipConfig, ValueConfig
 from distclip.integrations.deepspeed import _hooks
 from distclip.integrations.deepspeed._config import config_from_arguments, load_deepspeed_config
 

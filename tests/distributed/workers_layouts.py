@@ -156,7 +156,7 @@ def functional_checks(prepared: Prepared, norm_type: float) -> dict[str, Any]:
         "grads": gathered,
         "from_per_tensor": {},
     }
-    plan = distclip.ReductionPlan.build(prepared.params, **kwargs)
+    plan = distclip.reduction.ReductionPlan.build(prepared.params, **kwargs)
     for p in FUNCTIONAL_NORM_TYPES:
         with count_collectives() as counts:
             out["norms"][p] = value_of(distclip.grad_norm(prepared.params, p, **kwargs))
@@ -173,7 +173,7 @@ def functional_checks(prepared: Prepared, norm_type: float) -> dict[str, Any]:
         distclip.clip_grad_norm_(prepared.params, FUNCTIONAL_MAX_NORM, norm_type, **kwargs)
     )
     out["clipped_grads"] = prepared.full_grads()
-    out["plan_num_collectives"] = distclip.ReductionPlan.build(
+    out["plan_num_collectives"] = distclip.reduction.ReductionPlan.build(
         prepared.params, **kwargs
     ).num_collectives
     _zero_grads(prepared)

@@ -622,14 +622,16 @@ TABLE: list[Bad] = [
     Bad(
         "clipper-from-config-of-another-method",
         "none",
-        lambda _: distclip.NormClip.from_config(_model().parameters(), distclip.AutoClipConfig()),
+        lambda _: distclip.NormClip.from_config(
+            _model().parameters(), distclip.clippers.AutoClipConfig()
+        ),
         TypeError,
         r"^NormClip needs a NormClipConfig, got AutoClipConfig$",
     ),
     Bad(
         "clipper-option-out-of-range",
         "none",
-        lambda _: distclip.ZClip(_model().parameters(), warmup_steps=0),
+        lambda _: distclip.clippers.ZClip(_model().parameters(), warmup_steps=0),
         ValueError,
         r"^warmup_steps must be an integer >= 1, got 0$",
     ),

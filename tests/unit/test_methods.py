@@ -268,7 +268,7 @@ def test_external_norm_drives_the_same_rule(method: str, options: dict[str, obje
         assert float(stats.threshold) == pytest.approx(float(opt.last_clip.threshold), rel=1e-9)
         assert engine_coef == pytest.approx(float(opt.last_clip.clip_coef), rel=1e-9), step
     assert torch.equal(fed.num_clipped, opt.clipper.num_clipped)
-    for mine, theirs in zip(fed._state_tensors(), opt.clipper._state_tensors(), strict=True):
+    for mine, theirs in zip(fed.state.tensors(), opt.clipper.state.tensors(), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=0)
 
 

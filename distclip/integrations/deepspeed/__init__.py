@@ -59,8 +59,7 @@ import inspect
 import logging
 from typing import Any
 
-from distclip.clippers import AGC, LayerWiseClip, make_clipper
-from distclip.clippers.elementwise import ValueClip
+from distclip.clippers import make_clipper
 from distclip.integrations.binding import OptimizerBinding
 from distclip.integrations.deepspeed._adapter import STATE_KEY, DeepSpeedClipAdapter
 from distclip.integrations.deepspeed._config import (
@@ -153,18 +152,13 @@ def _attach_section(
             "this DeepSpeed engine already clips with distclip (engine.distclip); call "
             "engine.distclip.remove() before attaching another"
         )
-    elementwise = section.elementwise
-    per_unit = section.method if section.per_unit else None
+    spec = section.spec
     # Refuses before any change.
-    plan = plan_hook(
-        engine, allow_unverified=allow_unverified, elementwise=elementwise, per_unit=per_unit
-    )
+    plan = plan_hook(engine, allow_unverified=allow_unverified, spec=spec)
     params = [p for p in engine.module.parameters() if p.requires_grad] or list(
         engine.module.parameters()
     )
     clipper = make_clipper(section.method, params, **section.options)
-    clamp = clipper.clamp_ if isinstance(clipper, ValueClip) else None
-    fragments = clipper if isinstance(clipper, (LayerWiseClip, AGC)) else None
     adapter = DeepSpeedClipAdapter(
         engine, clipper, section, wrapper=plan.wrapper, hook_point=plan.hook_point
     )
@@ -174,15 +168,10 @@ def _attach_section(
         current = (
             first.pop()
             if first
-            else plan_hook(
-                engine,
-                allow_unverified=allow_unverified,
-                elementwise=elementwise,
-                per_unit=per_unit,
-            )
+            else plan_hook(engine, allow_unverified=allow_unverified, spec=spec)
         )
         binding = OptimizerBinding(clipper, engine.optimizer) if current.wrapper is None else None
-        return current.install(adapter.observe, binding, clamp, fragments)
+        return current.install(adapter.observe, binding, clipper)
 
     adapter._set_hook(install)
     adapter._wrap_checkpointing()

@@ -10,8 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from distclip.clippers import AGC, Clipper, ClipStats, LayerWiseClip
-from distclip.clippers.elementwise import ValueClip
+from distclip.clippers import Clipper, ClipStats, PiecewiseClipper
 from distclip.integrations.deepspeed._config import SECTION_KEY, ClipSection
 from distclip.integrations.deepspeed._hooks import InstalledHook
 from distclip.integrations.wrappers import ENGINE_ADAPTER_ATTR, LastClipMirrors
@@ -128,10 +127,8 @@ class DeepSpeedClipAdapter:
         step pre-hook, or at ZeRO 0 fp32 in ``engine.clip_fp32_gradients``, which also
         completes ``last_clip.clip_coef``).
         """
-        if isinstance(self.clipper, ValueClip):
-            stats = self.clipper.observe_clamp_(total_norm)
-        elif isinstance(self.clipper, (LayerWiseClip, AGC)):
-            stats = self.clipper.observe_fragments_(total_norm)
+        if isinstance(self.clipper, PiecewiseClipper):  # its pieces come in the inner step
+            stats = self.clipper.begin_pieces_(total_norm)
         else:
             stats = self.clipper.observe_(total_norm)
         self.last_clip = stats

@@ -23,8 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from distclip.clippers import AGC, METHODS, ClipConfig, Clipper, LayerWiseClip, resolve_method
-from distclip.clippers.elementwise import ValueClip
+from distclip.clippers import METHODS, ClipConfig, MethodSpec, resolve_method
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -32,10 +31,9 @@ __all__ = [
     "ClipSection",
     "config_from_arguments",
     "deepspeed_methods",
-    "is_elementwise",
-    "is_per_unit",
     "load_deepspeed_config",
     "parse_section",
+    "piecewise_unit",
 ]
 
 #: The top-level key of the DeepSpeed config that distclip reads.
@@ -49,40 +47,31 @@ _DEEPSPEED_NORM_TYPE = 2.0
 _DEEPSPEED_EPS = 1e-6
 
 
-def is_elementwise(clipper_cls: type[Clipper]) -> bool:
-    """True for the element-wise clamps (``value``, ``coordinate_wise``).
-
-    Under DeepSpeed they clamp the gradients of the fp32 master partitions inside the
-    optimizer step; they need neither a norm nor the parameters' shapes.
-    """
-    return issubclass(clipper_cls, ValueClip)
-
-
-def is_per_unit(clipper_cls: type[Clipper]) -> bool:
-    """True for the methods that clip per tensor or per row (``layer_wise``, ``agc``).
-
-    Under DeepSpeed they clip the gradients of the fp32 master partitions inside the
-    optimizer step, with the per-tensor (per-row) norms reduced over the partitions.
-    """
-    return issubclass(clipper_cls, (LayerWiseClip, AGC))
-
-
 def deepspeed_methods() -> tuple[str, ...]:
-    """The method names (aliases included) that work under DeepSpeed, sorted.
+    """The method names (aliases included) that work under DeepSpeed, sorted: all of them.
 
-    Three kinds: the methods whose rule is one global factor
-    ``min(1, threshold / (n + eps))`` (``Clipper.supports_external_norm``), driven by
-    DeepSpeed's own norm; the element-wise clamps (``value``, ``coordinate_wise``),
-    exact on any ZeRO partition; and the per-tensor / per-row methods (``layer_wise``,
-    ``agc``), whose norms distclip reduces over DeepSpeed's partitions.
+    Every kind has its way in: a global-factor method (``norm``, ``autoclip``,
+    ``zclip``, the stochastic family) is driven by DeepSpeed's own norm; a piecewise
+    one clips DeepSpeed's fp32 partitions in the inner optimizer step (element units:
+    ``value``, ``coordinate_wise``, exact on any partition; tensor and row units:
+    ``layer_wise``, ``agc``, their norms reduced over the partitions).
     """
-    return tuple(
-        sorted(
-            name
-            for name, cls in METHODS.items()
-            if cls.supports_external_norm or is_elementwise(cls) or is_per_unit(cls)
-        )
-    )
+    return tuple(sorted(name for name, spec in METHODS.items() if spec.clipper_cls.kind in _KINDS))
+
+
+#: The clipper kinds the adapter knows how to drive.
+_KINDS = ("global", "piecewise")
+
+
+def piecewise_unit(spec: MethodSpec) -> str | None:
+    """The unit of a piecewise method (``"element"``, ``"tensor"``, ``"row"``); ``None`` else.
+
+    What the adapter needs to know of a method: a global-factor one clips by DeepSpeed's
+    norm; a piecewise one clips the fp32 partitions in the inner optimizer step, and
+    needs the partitions' layout unless its units are elements.
+    """
+    cls = spec.clipper_cls
+    return getattr(cls, "unit", None) if cls.kind == "piecewise" else None
 
 
 @dataclass(frozen=True)
@@ -102,19 +91,19 @@ class ClipSection:
     present: bool = True
 
     @property
-    def clipper_cls(self) -> type[Clipper]:
-        """The clipper class of :attr:`method`."""
+    def spec(self) -> MethodSpec:
+        """The registered method of :attr:`method`."""
         return resolve_method(self.method)
 
     @property
     def elementwise(self) -> bool:
-        """True for the element-wise clamps (``value``, ``coordinate_wise``)."""
-        return is_elementwise(self.clipper_cls)
+        """A piecewise method with element units (``value``, ``coordinate_wise``)."""
+        return piecewise_unit(self.spec) == "element"
 
     @property
     def per_unit(self) -> bool:
-        """True for the per-tensor / per-row methods (``layer_wise``, ``agc``)."""
-        return is_per_unit(self.clipper_cls)
+        """A piecewise method with tensor or row units (``layer_wise``, ``agc``)."""
+        return piecewise_unit(self.spec) in ("tensor", "row")
 
 
 def parse_section(
@@ -150,19 +139,19 @@ def parse_section(
     if not isinstance(method, str):
         raise TypeError(f"{where}: method must be a string, got {method!r}")
     try:
-        clipper_cls = resolve_method(method)
+        spec = resolve_method(method)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from exc
-    elementwise = is_elementwise(clipper_cls)
-    # The element-wise and per-unit methods apply their own eps (AGC's is a weight floor).
-    own_eps = elementwise or is_per_unit(clipper_cls)
-    if not (clipper_cls.supports_external_norm or own_eps):
+    kind = spec.clipper_cls.kind
+    # A piecewise method applies its own eps (AGC's is a weight floor), not DeepSpeed's.
+    own_eps = kind == "piecewise"
+    if kind not in _KINDS:
         raise NotImplementedError(
             f"{where}: method {method!r} is not supported under DeepSpeed. Methods that "
             f"work under DeepSpeed: {', '.join(deepspeed_methods())}"
         )
     try:
-        config = clipper_cls.config_cls.from_options(method, options)
+        config = spec.config_cls.from_options(method, options)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{where}: {exc}") from exc
     if config.norm_type != _DEEPSPEED_NORM_TYPE:

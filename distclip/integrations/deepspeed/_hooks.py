@@ -90,14 +90,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distclip.clippers import ClipStats
+from distclip.clippers import Clipper, ClipStats, MethodSpec, PiecewiseClipper
+from distclip.clippers.flat_pieces import FlatPieces
 from distclip.functional import scale_
-from distclip.integrations.binding import OptimizerBinding, SkipToken
-from distclip.integrations.deepspeed._partitions import (
-    FragmentClip,
-    FragmentClipper,
-    whole_tensor_clip,
-)
+from distclip.integrations.binding import OptimizerBinding
+from distclip.integrations.deepspeed._config import piecewise_unit
+from distclip.integrations.deepspeed._partitions import FragmentClip, whole_tensor_clip
 
 __all__ = [
     "ENGINE_CLAMP_HOOK",
@@ -149,8 +147,18 @@ _warned_versions: set[str] = set()
 
 Observer = Callable[[Tensor], ClipStats]
 
-#: Clamps a list of gradients in place (``ValueClip.clamp_``).
+#: Clamps a list of gradients in place (a piecewise clipper with element units).
 Clamp = Callable[[list[Tensor]], None]
+
+
+def element_clamp(clipper: PiecewiseClipper) -> Clamp:
+    """The clamp of an element-unit clipper, as a function of a list of fp32 gradients."""
+
+    def clamp(grads: list[Tensor]) -> None:
+        clipper.clip_pieces_(FlatPieces(None, grads))
+
+    return clamp
+
 
 #: What the inner optimizer's step pre-hook does with that optimizer.
 InnerApply = Callable[[Any], None]
@@ -497,7 +505,7 @@ def _install_wrapper_hook(
     observe: Observer,
     fp16: bool,
     clamp: Clamp | None = None,
-    fragments: FragmentClipper | None = None,
+    fragments: PiecewiseClipper | None = None,
 ) -> InstalledHook:
     """Hook ``optimizer`` (a DeepSpeed wrapper); with ``clamp`` or ``fragments``, its inner
     optimizers too (the clip happens there, DeepSpeed's own clip is neutral)."""
@@ -625,14 +633,10 @@ def _install_engine_hook(
     hidden the gradients, or set ``found_inf``).
     """
     optimizer = engine.optimizer
-    armed: list[SkipToken] = []
     original_clipping = engine._config.gradient_clipping
 
     def clip_fp32_gradients() -> Tensor | None:
-        while armed:  # the last optimizer step raised before the post-hook ran
-            stale = armed.pop()
-            stale.hidden_grads.clear()  # those gradients belong to the failed step
-            binding.disarm_skip(optimizer, stale)
+        binding.recover_stale(optimizer)  # the last optimizer step raised before its end
         params = [p for p in engine.module.parameters() if p.grad is not None]
         if not params:
             return None
@@ -644,16 +648,15 @@ def _install_engine_hook(
         elif clamp is None:
             grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
             scale_(grads, stats.clip_coef, foreach=binding.clipper.config.foreach)
-        armed.append(binding.arm_skip(optimizer, stats, can_bypass=False))
+        binding.arm_step(optimizer, stats)
         return total
 
     def disarm(opt: Any, args: Any, kwargs: Any) -> None:
-        while armed:
-            binding.disarm_skip(opt, armed.pop())
+        binding.end_step(opt)
 
     clamp_hook = None
     if clamp is not None:
-        clamp_hook = _ClampHook([optimizer], _clamp_apply(clamp), lambda: bool(armed))
+        clamp_hook = _ClampHook([optimizer], _clamp_apply(clamp), lambda: binding.armed)
     post_hook = optimizer.register_step_post_hook(disarm)
     engine.clip_fp32_gradients = clip_fp32_gradients
     if not original_clipping > 0.0:
@@ -705,7 +708,9 @@ class HookPlan:
         self.engine = engine
         self.wrapper = wrapper
         self.fp16 = fp16
+        #: A piecewise method with element units (``value``, ``coordinate_wise``).
         self.elementwise = elementwise
+        #: A piecewise method with tensor or row units (``layer_wise``, ``agc``).
         self.per_unit = per_unit
         if elementwise:
             self.hook_point = ENGINE_CLAMP_HOOK if wrapper is None else f"{wrapper}.optimizer.step"
@@ -715,26 +720,24 @@ class HookPlan:
             self.hook_point = ENGINE_HOOK if wrapper is None else f"{wrapper}.clip_grad"
 
     def install(
-        self,
-        observe: Observer,
-        binding: OptimizerBinding | None,
-        clamp: Clamp | None = None,
-        fragments: FragmentClipper | None = None,
+        self, observe: Observer, binding: OptimizerBinding | None, clipper: Clipper
     ) -> InstalledHook:
         """Install the hook.
 
         Args:
             observe: takes DeepSpeed's norm of each step, returns the clip's stats.
             binding: the clipper and optimizer, for ZeRO 0 (skips a NaN/inf step).
-            clamp: clamps a list of fp32 gradients in place; required exactly when the
-                plan is :attr:`elementwise`.
-            fragments: the ``LayerWiseClip`` / ``AGC``; required exactly when the plan
-                is :attr:`per_unit`.
+            clipper: the clipper; a piecewise one also gets DeepSpeed's fp32
+                partitions as pieces, in the inner optimizer step.
         """
-        if (clamp is not None) != self.elementwise:
-            raise ValueError("a clamp is given exactly for the element-wise methods")
-        if (fragments is not None) != self.per_unit:
-            raise ValueError("fragments is given exactly for layer_wise and agc")
+        clamp: Clamp | None = None
+        fragments: PiecewiseClipper | None = None
+        if self.elementwise:
+            assert isinstance(clipper, PiecewiseClipper)
+            clamp = element_clamp(clipper)
+        elif self.per_unit:
+            assert isinstance(clipper, PiecewiseClipper)
+            fragments = clipper
         if self.wrapper is None:
             assert binding is not None
             whole = whole_tensor_clip(fragments) if fragments is not None else None
@@ -744,17 +747,17 @@ class HookPlan:
         )
 
 
-def plan_hook(
-    engine: Any, *, allow_unverified: bool, elementwise: bool = False, per_unit: str | None = None
-) -> HookPlan:
-    """Decide how to hook ``engine``; refuse what has not been verified.
+def plan_hook(engine: Any, *, allow_unverified: bool, spec: MethodSpec) -> HookPlan:
+    """Decide how to hook ``engine`` for method ``spec``; refuse what has not been verified.
+
+    A global-factor method clips by DeepSpeed's own norm; a piecewise one clips the fp32
+    partitions in the inner optimizer step, those with tensor or row units knowing from
+    DeepSpeed's bookkeeping which piece of which tensor lies where.
 
     Args:
         engine: the DeepSpeed engine.
         allow_unverified: hook a subclass of a supported wrapper as that wrapper.
-        elementwise: plan for an element-wise clamp (``value``, ``coordinate_wise``).
-        per_unit: the method's name when it clips per tensor or per row
-            (``layer_wise``, ``agc``), else ``None``.
+        spec: the registered method.
 
     Raises:
         TypeError: ``engine`` is not a ``deepspeed.DeepSpeedEngine``.
@@ -765,6 +768,9 @@ def plan_hook(
             element-wise clamps and ``layer_wise`` / ``agc`` also the cases listed in
             the module docstring.
     """
+    unit = piecewise_unit(spec)
+    elementwise = unit == "element"
+    per_unit = spec.name if unit in ("tensor", "row") else None
     deepspeed = import_deepspeed()
     if not isinstance(engine, deepspeed.DeepSpeedEngine):
         raise TypeError(

@@ -38,13 +38,10 @@ from typing import Any
 
 from torch import Tensor
 
-from distclip.clippers import AGC, LayerWiseClip
-from distclip.clippers.elementwise import TensorFragment
+from distclip.clippers import PiecewiseClipper
+from distclip.clippers.flat_pieces import FlatPieces, FlatUnits, TensorFragment
 
 __all__ = ["FlatLayout", "FragmentClip", "whole_tensor_clip"]
-
-#: The clippers whose units are tensors or rows of tensors.
-FragmentClipper = LayerWiseClip | AGC
 
 #: Wrappers whose inner optimizer updates whole tensors (no flat buffer, no collective).
 _WHOLE_TENSOR_WRAPPERS = ("FP16_UnfusedOptimizer", None)
@@ -132,15 +129,15 @@ class FragmentClip:
         wrapper: the DeepSpeed optimizer wrapper instance.
         name: its class name (one of ``_hooks.SUPPORTED_WRAPPERS``); ``None`` for
             whole tensors without a wrapper (ZeRO 0 in fp32).
-        clipper: the ``LayerWiseClip`` or ``AGC``.
+        clipper: a piecewise clipper with tensor or row units (``layer_wise``, ``agc``).
     """
 
-    def __init__(self, wrapper: Any, name: str | None, clipper: FragmentClipper) -> None:
+    def __init__(self, wrapper: Any, name: str | None, clipper: PiecewiseClipper) -> None:
         self.wrapper = wrapper
         self.name = name
         self.clipper = clipper
         self._layouts: dict[int, tuple[weakref.ref[Tensor], FlatLayout]] = {}
-        self._batch_plans: dict[tuple[int, ...], tuple[list[weakref.ref[Tensor]], Any]] = {}
+        self._batch_plans: dict[tuple[int, ...], tuple[list[weakref.ref[Tensor]], FlatUnits]] = {}
         #: Collectives issued (for tests and debugging).
         self.collectives = 0
 
@@ -203,27 +200,21 @@ class FragmentClip:
 
     def clip_batch(self, flats: list[Tensor], layouts: list[FlatLayout]) -> None:
         """Clip buffers that share one process group: one collective (none without a group)."""
-        plan = self._plan(flats, layouts)
-        fragments: list[TensorFragment] = plan[1]
-        grads = [flat.grad for flat in flats]
+        units = self._units(flats, layouts)
         group = layouts[0].group if layouts else None
         all_reduce = self._all_reduce(group) if group is not None else None
-        if isinstance(self.clipper, AGC):
-            weights = [flat.detach().reshape(-1) for flat in flats]
-            flat_grads = [None if g is None else g.reshape(-1) for g in grads]
-            self.clipper.clip_fragments_(plan[0], flat_grads, weights, all_reduce)
-        else:
-            flat_grads = [None if g is None else g.reshape(-1) for g in grads]
-            self.clipper.clip_fragments_(plan[0], fragments, flat_grads, all_reduce)
+        grads = [None if flat.grad is None else flat.grad.reshape(-1) for flat in flats]
+        weights = [flat.detach().reshape(-1) for flat in flats]
+        self.clipper.clip_pieces_(FlatPieces(units, grads, weights, all_reduce))
 
-    def _plan(self, flats: list[Tensor], layouts: list[FlatLayout]) -> tuple[Any, Any]:
-        """The clipper's plan of a batch of buffers (cached while the buffers live)."""
+    def _units(self, flats: list[Tensor], layouts: list[FlatLayout]) -> FlatUnits:
+        """The clipper's units of a batch of buffers (cached while the buffers live)."""
         key = tuple(id(flat) for flat in flats)
         cached = self._batch_plans.get(key)
         if cached is not None and all(
             ref() is flat for ref, flat in zip(cached[0], flats, strict=True)
         ):
-            return cached[1]  # type: ignore[no-any-return]
+            return cached[1]
         shapes: list[tuple[int, ...]] = []
         fragments: list[TensorFragment] = []
         for buffer, layout in enumerate(layouts):
@@ -236,9 +227,9 @@ class FragmentClip:
                 for f in layout.fragments
             )
         device = flats[0].device if flats else None
-        plan = (self.clipper.fragment_plan(shapes, fragments, device), fragments)
-        self._batch_plans[key] = ([weakref.ref(flat) for flat in flats], plan)
-        return plan
+        units = FlatUnits.build(self.clipper.unit, shapes, fragments, device)
+        self._batch_plans[key] = ([weakref.ref(flat) for flat in flats], units)
+        return units
 
     def _all_reduce(self, group: Any) -> Callable[[Tensor], Tensor]:
         dist = _comm()
@@ -253,7 +244,7 @@ class FragmentClip:
         return all_reduce
 
 
-def whole_tensor_clip(clipper: FragmentClipper) -> Callable[[list[Tensor]], None]:
+def whole_tensor_clip(clipper: PiecewiseClipper) -> Callable[[list[Tensor]], None]:
     """Clips whole parameter tensors held by this rank (ZeRO 0 in fp32): no collective.
 
     The gradients are DeepSpeed's data-parallel averages, identical on every rank.

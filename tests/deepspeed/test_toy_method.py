@@ -1,0 +1,88 @@
+"""A method added through the extension point, from its own file only (``tests/toy_method.py``).
+
+The method is registered by importing its module, nothing else in distclip is edited.
+On 2 gloo ranks: DDP and FSDP2 through ``ClippedOptimizer``, and DeepSpeed ZeRO-2 through
+the ``"distclip"`` section of its config, each against the single-process run on every
+rank's data, whose thresholds are in turn the rule's in plain Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import toy_workers
+from ds_setup import make_spec, reference_train
+from harness import ProcessGroupHarness
+
+from distclip.clippers.registry import METHODS
+from tests import toy_method
+
+pytestmark = pytest.mark.distributed
+
+pytest.importorskip("deepspeed")
+
+STEPS = 8
+SECTION = {"method": toy_method.NAME, "fraction": 0.7}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered_only_here() -> Iterator[None]:
+    """Other test modules see the methods distclip ships: take the toy one out afterwards."""
+    yield
+    METHODS.pop(toy_method.NAME, None)
+
+
+def _spec(stage: int) -> dict[str, Any]:
+    return make_spec(f"toy-z{stage}", stage=stage, clip=SECTION, steps=STEPS)
+
+
+def _close(got: list[float], want: list[float], what: str) -> None:
+    torch.testing.assert_close(
+        torch.tensor(got, dtype=torch.float64),
+        torch.tensor(want, dtype=torch.float64),
+        rtol=1e-6,
+        atol=0,
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    """One process on every rank's data; its thresholds are the plain-Python rule's."""
+    ref = reference_train(_spec(2))
+    records = ref["records"]
+    expected = toy_method.slow_thresholds(records["total_norm"], SECTION["fraction"])
+    _close(records["threshold"], expected, "single-process thresholds vs the rule")
+    clipped = sum(n > t for n, t in zip(records["total_norm"], records["threshold"], strict=True))
+    assert 0 < clipped < STEPS  # the rule clips some steps and not others
+    return ref
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+def test_toy_method_on_ddp_and_fsdp2(
+    ds_group: ProcessGroupHarness, reference: dict[str, Any], layout: str
+) -> None:
+    spec = _spec(2)
+    for rank, out in enumerate(ds_group.run(toy_workers.native_run, layout, spec)):
+        assert out["method"] == toy_method.NAME
+        for key in ("total_norm", "threshold", "clip_coef"):
+            _close(out["records"][key], reference["records"][key], f"{layout} rank {rank} {key}")
+        torch.testing.assert_close(out["params"], reference["params"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_toy_method_from_the_deepspeed_config(
+    ds_group: ProcessGroupHarness, reference: dict[str, Any], stage: int
+) -> None:
+    for rank, out in enumerate(ds_group.run(toy_workers.deepspeed_run, _spec(stage))):
+        assert "error" not in out, out.get("error")
+        assert out["method"] == toy_method.NAME
+        assert out["hook_point"].endswith(("clip_grad", "clip_fp32_gradients")), out["hook_point"]
+        for key in ("total_norm", "threshold", "clip_coef"):
+            _close(
+                out["records"][key], reference["records"][key], f"ZeRO {stage} rank {rank} {key}"
+            )
+        torch.testing.assert_close(out["params"], reference["params"], rtol=1e-5, atol=1e-7)
