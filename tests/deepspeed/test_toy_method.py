@@ -8,31 +8,46 @@ rank's data, whose thresholds are in turn the rule's in plain Python.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-import toy_workers
 from ds_setup import make_spec, reference_train
 from harness import ProcessGroupHarness
 
 from distclip.clippers.registry import METHODS
-from tests import toy_method
 
 pytestmark = pytest.mark.distributed
 
 pytest.importorskip("deepspeed")
 
 STEPS = 8
-SECTION = {"method": toy_method.NAME, "fraction": 0.7}
+NAME = "toy_mean_fraction"
+SECTION = {"method": NAME, "fraction": 0.7}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _registered_only_here() -> Iterator[None]:
-    """Other test modules see the methods distclip ships: take the toy one out afterwards."""
-    yield
-    METHODS.pop(toy_method.NAME, None)
+@pytest.fixture(scope="module")
+def toy() -> Iterator[ModuleType]:
+    """The toy method's module, imported (so registered) only while these tests run.
+
+    Other test modules see the methods distclip ships: collected before, and cleaned up
+    after (the registration and the module, so a later import registers it again).
+    """
+    module = importlib.import_module("tests.toy_method")
+    yield module
+    METHODS.pop(module.NAME, None)
+    sys.modules.pop("tests.toy_method", None)
+    sys.modules.pop("toy_workers", None)
+
+
+@pytest.fixture(scope="module")
+def workers(toy: ModuleType) -> ModuleType:
+    """The rank functions (their module imports the toy method in every rank)."""
+    return importlib.import_module("toy_workers")
 
 
 def _spec(stage: int) -> dict[str, Any]:
@@ -50,11 +65,11 @@ def _close(got: list[float], want: list[float], what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, Any]:
+def reference(toy: ModuleType) -> dict[str, Any]:
     """One process on every rank's data; its thresholds are the plain-Python rule's."""
     ref = reference_train(_spec(2))
     records = ref["records"]
-    expected = toy_method.slow_thresholds(records["total_norm"], SECTION["fraction"])
+    expected = toy.slow_thresholds(records["total_norm"], SECTION["fraction"])
     _close(records["threshold"], expected, "single-process thresholds vs the rule")
     clipped = sum(n > t for n, t in zip(records["total_norm"], records["threshold"], strict=True))
     assert 0 < clipped < STEPS  # the rule clips some steps and not others
@@ -63,11 +78,11 @@ def reference() -> dict[str, Any]:
 
 @pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
 def test_toy_method_on_ddp_and_fsdp2(
-    ds_group: ProcessGroupHarness, reference: dict[str, Any], layout: str
+    ds_group: ProcessGroupHarness, workers: ModuleType, reference: dict[str, Any], layout: str
 ) -> None:
     spec = _spec(2)
-    for rank, out in enumerate(ds_group.run(toy_workers.native_run, layout, spec)):
-        assert out["method"] == toy_method.NAME
+    for rank, out in enumerate(ds_group.run(workers.native_run, layout, spec)):
+        assert out["method"] == NAME
         for key in ("total_norm", "threshold", "clip_coef"):
             _close(out["records"][key], reference["records"][key], f"{layout} rank {rank} {key}")
         torch.testing.assert_close(out["params"], reference["params"], rtol=1e-5, atol=1e-7)
@@ -75,11 +90,11 @@ def test_toy_method_on_ddp_and_fsdp2(
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_toy_method_from_the_deepspeed_config(
-    ds_group: ProcessGroupHarness, reference: dict[str, Any], stage: int
+    ds_group: ProcessGroupHarness, workers: ModuleType, reference: dict[str, Any], stage: int
 ) -> None:
-    for rank, out in enumerate(ds_group.run(toy_workers.deepspeed_run, _spec(stage))):
+    for rank, out in enumerate(ds_group.run(workers.deepspeed_run, _spec(stage))):
         assert "error" not in out, out.get("error")
-        assert out["method"] == toy_method.NAME
+        assert out["method"] == NAME
         assert out["hook_point"].endswith(("clip_grad", "clip_fp32_gradients")), out["hook_point"]
         for key in ("total_norm", "threshold", "clip_coef"):
             _close(
