@@ -22,11 +22,12 @@ from torch import Tensor
 
 from distclip._checks import refuse_meta
 from distclip.clippers.config import ClipConfig
-from distclip.clippers.params import ParamsLike, as_param_list, bit_checksum
+from distclip.clippers.consistency import check_consistency, state_checksum
+from distclip.clippers.params import ParamsLike, as_param_list
 from distclip.clippers.state import MethodState
 from distclip.clippers.stats import ClipStats
-from distclip.errors import NonFiniteNormError, RankDesyncError
-from distclip.reduction import ReductionPlan, all_gather_tensor, is_distributed, wait_for_ranks
+from distclip.errors import NonFiniteNormError
+from distclip.reduction import ReductionPlan, is_distributed
 from distclip.window import COUNT_DTYPES
 
 if TYPE_CHECKING:
@@ -367,49 +368,20 @@ class Clipper:
     # ------------------------------------------------------------- consistency
     def state_checksum(self) -> Tensor:
         """1-D int64 tensor fingerprinting the whole state, bit for bit (no sync)."""
-        device = self._num_skipped.device
-        parts = [
-            torch.full((), self.num_steps, dtype=torch.long, device=device),
-            self.num_skipped,
-            self.num_clipped,
-            *(bit_checksum(t).to(device) for t in self.state.tensors()),
-        ]
-        return torch.stack(parts)
+        return state_checksum(self)
 
     def check_consistency(
         self, group: Any = None, *, timeout: timedelta | float | None = None
     ) -> None:
         """Debug: raise if any rank's state differs from rank 0's (one all-gather, a sync).
 
-        Does nothing without an initialised process group. With ``timeout`` (seconds
-        or a ``timedelta``), every rank first waits at a barrier that, on gloo, fails
-        after ``timeout`` naming the ranks that never arrived (see
-        :func:`distclip.reduction.wait_for_ranks`); without it a missing rank is
-        reported by the process group's own timeout.
+        See :func:`distclip.clippers.consistency.check_consistency`.
 
         Raises:
             RankDesyncError: naming the ranks whose state differs from rank 0's, or
                 the ranks that did not arrive within ``timeout``.
         """
-        if not is_distributed():
-            return
-        if timeout is not None:
-            wait_for_ranks(group, timeout)
-        gathered = all_gather_tensor(self.state_checksum(), group)
-        reference = gathered[0]
-        bad = [
-            rank for rank, checksum in enumerate(gathered) if not torch.equal(checksum, reference)
-        ]
-        if bad:
-            raise RankDesyncError(
-                f"distclip {self.method}: the clipper state on rank(s) {bad} differs from "
-                f"rank 0's at step {self.num_steps}. Every rank must compute the same global "
-                "norm: are some gradients neither replicated (DDP) nor in a layout distclip "
-                "reduces (FSDP1 with model=, FSDP2/DTensor, pipeline stages with "
-                "pipeline_groups=)? Under DeepSpeed (ZeRO partitions) an optimizer cannot "
-                'clip by itself: clip in the engine with distclip.deepspeed (a "distclip" '
-                "section in the DeepSpeed config, or distclip.deepspeed.attach(engine))."
-            )
+        check_consistency(self, group, timeout=timeout)
 
     # ----------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
