@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from distclip._checks import is_int
 from distclip.integrations.metrics import read_metrics
 
 __all__ = ["LOG_SCALE_SPAN", "main", "plot_metrics", "save_plot"]
@@ -158,7 +159,7 @@ def save_plot(
             ``dpi`` < 1.
         ImportError: matplotlib is not installed.
     """
-    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
+    if not is_int(dpi) or dpi < 1:
         raise ValueError(f"dpi must be an int >= 1, got {dpi!r}")
     records = read_metrics(metrics_path)
     fig = plot_metrics(records, title=title, dpi=dpi)

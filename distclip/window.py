@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distclip._checks import is_int, refuse_meta
 from distclip.functional.quantile import QuantileTable, quantile_table, sorted_prefix_quantile
 
 __all__ = ["COUNT_DTYPES", "NormWindow"]
@@ -36,7 +37,7 @@ class NormWindow:
     def __init__(
         self, size: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> None:
-        if isinstance(size, bool) or not isinstance(size, int):
+        if not is_int(size):
             raise TypeError(f"window size must be an integer >= 1, got {size!r}")
         if size < 1:
             raise ValueError(f"window size must be an integer >= 1, got {size!r}")
@@ -128,7 +129,7 @@ class NormWindow:
                 "'values' and 'num_seen' (as NormWindow.state_dict() writes them)"
             )
         size = state["size"]
-        if isinstance(size, bool) or not isinstance(size, int):
+        if not is_int(size):
             raise ValueError(f"the saved window 'size' must be an int >= 1, got {size!r}")
         if size != self.size:
             raise ValueError(
@@ -159,11 +160,7 @@ class NormWindow:
                 f"window 'num_seen' must be a 0-dim integer tensor >= 0, got dtype {num_seen.dtype}"
             )
         for name, tensor in (("values", values), ("num_seen", num_seen)):
-            if tensor.is_meta:
-                raise ValueError(
-                    f"window {name!r} is on the meta device and holds no data; load a "
-                    "checkpoint with real tensors"
-                )
+            refuse_meta(f"window {name!r}", tensor, "; load a checkpoint with real tensors")
         seen = int(num_seen)
         if seen < 0:
             raise ValueError(f"window 'num_seen' must be a 0-dim integer tensor >= 0, got {seen}")

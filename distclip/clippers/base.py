@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from distclip._checks import refuse_meta
+from distclip._checks import is_int, refuse_meta
 from distclip.clippers.config import ClipConfig
 from distclip.clippers.consistency import check_consistency, state_checksum
 from distclip.clippers.params import ParamsLike, as_param_list
@@ -138,8 +138,9 @@ class Clipper:
         self.params = as_param_list(params)
         self._plan: ReductionPlan | None = None
         self.num_steps = 0
-        #: The :class:`ClipStats` of the last step (``None`` before the first).
-        self.last_stats: ClipStats | None = None
+        #: The :class:`ClipStats` of the last step (``None`` before the first): the same
+        #: object as the ``last_clip`` of the optimizer that clips with this clipper.
+        self.last_clip: ClipStats | None = None
         plan = self.plan  # built now: an unsupported layout is refused at construction
         self._num_skipped = torch.zeros((), dtype=torch.long, device=plan.device)
         self.num_clipped = torch.zeros((), dtype=torch.long, device=plan.device)
@@ -147,6 +148,11 @@ class Clipper:
         self._one = torch.ones((), dtype=plan.dtype, device=plan.device)
         self.state = self._make_state(plan)
         self._check_plan(plan)
+
+    @property
+    def last_stats(self) -> ClipStats | None:
+        """:attr:`last_clip` under its name of distclip 0.1 (kept for code written then)."""
+        return self.last_clip
 
     @property
     def method(self) -> str:
@@ -247,13 +253,13 @@ class Clipper:
         clipped: Tensor | None = None,
         engine_threshold: Tensor | None = None,
     ) -> ClipStats:
-        """Count the step, run the due consistency check and record :attr:`last_stats`."""
+        """Count the step, run the due consistency check and record :attr:`last_clip`."""
         if clipped is not None:
             self.num_clipped.add_(clipped.to(self.num_clipped.device))
         self.num_steps += 1
         if self._check_due():
             self.check_consistency()
-        self.last_stats = ClipStats(
+        self.last_clip = ClipStats(
             total_norm,
             threshold,
             coef,
@@ -262,7 +268,7 @@ class Clipper:
             engine_threshold=engine_threshold,
             clipped=clipped,
         )
-        return self.last_stats
+        return self.last_clip
 
     def _check_due(self) -> bool:
         every = self.config.check_every
@@ -314,7 +320,7 @@ class Clipper:
                 f"{self.method!r}; build the clipper with method={method!r} to resume from it"
             )
         num_steps = state_dict.get("num_steps")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        if not is_int(num_steps) or num_steps < 0:
             raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
         for key in ("num_skipped", "num_clipped"):
             value = state_dict.get(key)

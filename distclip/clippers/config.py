@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from distclip._checks import is_int, is_real
 from distclip.functional import DEFAULT_EPS, validate_norm_type
 
 __all__ = [
@@ -33,13 +34,9 @@ NONFINITE_CHOICES = ("skip", "error")
 _C = TypeVar("_C", bound="ClipConfig")
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_unit_interval(name: str, value: Any) -> float:
     """``value`` as a float in [0, 1], else ``TypeError``/``ValueError`` naming ``name``."""
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number in [0, 1], got {value!r}")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
@@ -48,7 +45,7 @@ def check_unit_interval(name: str, value: Any) -> float:
 
 def check_int(name: str, value: Any, *, minimum: int) -> int:
     """``value`` as an int >= ``minimum``, else ``TypeError``/``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -60,7 +57,7 @@ def check_positive_finite(name: str, value: Any, *, allow_none: bool = False) ->
     if value is None and allow_none:
         return None
     expected = "a positive finite number" + (" or None" if allow_none else "")
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(f"{name} must be {expected}, got {value!r}")
     if not (math.isfinite(float(value)) and float(value) > 0.0):
         raise ValueError(f"{name} must be {expected} (0 < {name} < inf), got {value!r}")
@@ -82,7 +79,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 def check_nonnegative_finite(name: str, value: Any) -> float:
     """``value`` as a finite float >= 0, else ``TypeError``/``ValueError`` naming ``name``."""
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(f"{name} must be a finite number >= 0 (a real number), got {value!r}")
     if not (math.isfinite(float(value)) and float(value) >= 0.0):
         raise ValueError(f"{name} must be a finite number >= 0 (0 <= {name} < inf), got {value!r}")

@@ -30,12 +30,12 @@ Nothing here talks to other processes and nothing reads a value back to the host
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from distclip._checks import is_real
 from distclip.functional._grouping import (
     group_by_device_and_dtype,
     group_indices_by_device_and_dtype,
@@ -70,7 +70,7 @@ def validate_norm_type(norm_type: float | int | str) -> float:
         ValueError: NaN, or a string that is not a number.
     """
     expected = "a real number p (0, negative, inf and -inf included) or a string such as 'inf'"
-    if isinstance(norm_type, bool) or not isinstance(norm_type, (numbers.Real, str)):
+    if not (is_real(norm_type) or isinstance(norm_type, str)):
         raise TypeError(f"norm_type must be {expected}, got {norm_type!r}")
     try:
         p = float(norm_type)

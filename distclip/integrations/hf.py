@@ -122,7 +122,7 @@ class TrainerHandle:
         def log(logs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             if isinstance(logs, dict) and "loss" in logs:
                 clipper = self.clipper
-                stats = clipper.last_stats if clipper is not None else None
+                stats = clipper.last_clip if clipper is not None else None
                 if stats is not None:
                     logs.update(log_record(stats))
             return original(logs, *args, **kwargs)

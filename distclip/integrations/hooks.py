@@ -186,7 +186,7 @@ def get_clipper(optimizer: Any) -> Clipper:
     Typed access for code that holds the optimizer as a plain ``torch.optim.Optimizer``,
     or as a framework's wrapper around it (anything exposing the real optimizer as
     ``.optimizer``: Accelerate's ``AcceleratedOptimizer``, Lightning's
-    ``LightningOptimizer``): ``distclip.get_clipper(opt).last_stats`` is the
+    ``LightningOptimizer``): ``distclip.get_clipper(opt).last_clip`` is the
     ``last_clip`` of the optimizer that clips. Under DeepSpeed, the optimizer of an
     engine that :mod:`distclip.deepspeed` clips, any wrapper around it (HF Trainer's
     and Accelerate's ``DeepSpeedOptimizerWrapper``) and the engine itself give the

@@ -274,10 +274,10 @@ class LightningClipping:
                     f"({clipper.method}); give DistClipCallback no method and no options to "
                     "log its clipper, or return a plain optimizer for the callback to clip"
                 )
-            return _Source(clipper, lambda: clipper.last_stats, None)
+            return _Source(clipper, lambda: clipper.last_clip, None)
         handle = attach(optimizer, self._name(), model=model, **self.options)
         attached = handle.clipper
-        return _Source(attached, lambda: attached.last_stats, handle.remove)
+        return _Source(attached, lambda: attached.last_clip, handle.remove)
 
     def _attach_engine(self, engine: Any) -> _Source:
         import distclip.deepspeed as ds_clip

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from distclip._checks import is_int
 from distclip.clippers.stats import RECORD_FIELDS, ClipStats
 
 __all__ = ["METRICS_FIELDS", "MetricsWriter", "read_metrics"]
@@ -100,11 +101,11 @@ class MetricsWriter:
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int):
+        if not is_int(every):
             raise TypeError(f"every must be an int >= 1, got {type(every).__name__}")
         if every < 1:
             raise ValueError(f"every must be an int >= 1 (1 writes every step), got {every}")
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        if rank is not None and not is_int(rank):
             raise TypeError(f"rank must be an int >= 0 or None, got {type(rank).__name__}")
         if rank is not None and rank < 0:
             raise ValueError(f"rank must be an int >= 0 or None, got {rank}")

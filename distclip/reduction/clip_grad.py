@@ -17,7 +17,6 @@ loop that clips every step can keep one :class:`distclip.NormClip` instead.
 from __future__ import annotations
 
 import functools
-import numbers
 import types
 import warnings
 from collections.abc import Iterable
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from distclip._checks import is_real
 from distclip.errors import NonFiniteNormError
 from distclip.functional import clamp_, clip_coefficient, scale_, validate_norm_type
 from distclip.reduction.layouts import is_dtensor, local_tensor, root_mesh
@@ -72,7 +72,7 @@ def _check_flag(name: str, value: Any, *, allow_none: bool) -> None:
 
 def _check_bound(name: str, value: Any) -> float:
     """A real number in [0, inf] (``inf``: no clipping); torch's meaning for every one."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number >= 0 (inf: no clipping), got {value!r}")
     bound = float(value)
     if not bound >= 0.0:  # also NaN

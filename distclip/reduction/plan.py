@@ -93,7 +93,7 @@ class GradGroup:
     ``process_group`` is ``None`` for the replicated group (nothing to reduce), one
     process group, or a tuple of them reduced in turn (an explicit layout sharded
     along several dimensions). ``params`` are all of them (every one is scaled).
-    ``leader[i]``: this rank's local part of ``params[i]`` enters the reduction (one
+    ``counts_here[i]``: this rank's local part of ``params[i]`` enters the reduction (one
     copy of replicated data does); ``shared[i]``: a tied copy, left out of the global
     norm. ``of`` says what is measured and scaled: ``"grad"``, each parameter's
     ``.grad``; ``"value"``, the tensors in ``params`` themselves (gradients).
@@ -101,7 +101,7 @@ class GradGroup:
 
     kind: str
     params: tuple[Tensor, ...]
-    leader: tuple[bool, ...]
+    counts_here: tuple[bool, ...]
     shared: tuple[bool, ...]
     process_group: Any = None
     of: str = "grad"
@@ -128,7 +128,7 @@ class GradGroup:
         """The parameters whose local part counts in the global norm on this rank."""
         return tuple(
             p
-            for p, lead, tied in zip(self.params, self.leader, self.shared, strict=True)
+            for p, lead, tied in zip(self.params, self.counts_here, self.shared, strict=True)
             if lead and not tied
         )
 
@@ -145,7 +145,7 @@ class GradGroup:
         """
         out: list[Tensor] = []
         for index, (param, lead, tied) in enumerate(
-            zip(self.params, self.leader, self.shared, strict=True)
+            zip(self.params, self.counts_here, self.shared, strict=True)
         ):
             measured = self._measured(param) if lead and not tied else None
             if measured is not None:
@@ -319,7 +319,9 @@ class ReductionPlan:
         device, dtype = self.device, self.dtype
         for group in self.groups:
             tensors: list[list[Tensor]] = []
-            for index, (param, lead) in enumerate(zip(group.params, group.leader, strict=True)):
+            for index, (param, lead) in enumerate(
+                zip(group.params, group.counts_here, strict=True)
+            ):
                 source = param.grad if of == "grad" else param  # callers run under no_grad
                 if source is None or not lead:
                     tensors.append([_EMPTY])
