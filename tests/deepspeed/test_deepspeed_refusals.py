@@ -11,7 +11,9 @@ expected messages are written out in full: they are the adapter's contract.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -421,3 +423,22 @@ def test_subclass_allowed_is_warned_then_checked_as_its_base() -> None:
     engine.optimizer.__dict__["compute_grad_norm"] = False
     with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="compute_grad_norm"):
         plan_hook(engine, allow_unverified=True, spec=resolve_method("autoclip"))
+
+
+def _matches(refusal: Any, message: str) -> bool:
+    """Whether ``message`` is ``refusal``'s template with its fields filled in."""
+    parts = re.split(r"\{\w+\}", refusal.message)
+    return re.fullmatch(".+".join(map(re.escape, parts)), message) is not None
+
+
+def test_docs_list_the_refusal_table() -> None:
+    from distclip.integrations.deepspeed._refusals import REFUSALS, refusals_markdown
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "deepspeed.md").read_text()
+    table = refusals_markdown()
+    assert table in page, "docs/deepspeed.md: regenerate the table with refusals_markdown()"
+    assert len(table.splitlines()) == 2 + len(REFUSALS)
+    # Every refused case above is one row's message, and every row is reached.
+    rows = {row.message for row in REFUSALS}
+    reached = {row.message for row in REFUSALS for case in REFUSED if _matches(row, case[4])}
+    assert reached == rows
