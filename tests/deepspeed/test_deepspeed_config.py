@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import distclip
-import distclip.deepspeed as dsclip
+import distclip.integrations.deepspeed as dsclip
 from distclip.clippers import AutoClipConfig, LayerWiseConfig, NormClipConfig, ValueConfig
 from distclip.integrations.deepspeed import _verified as _hooks
 from distclip.integrations.deepspeed._config import config_from_arguments, load_deepspeed_config
