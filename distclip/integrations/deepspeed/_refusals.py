@@ -19,7 +19,15 @@ import torch
 from distclip.integrations.deepspeed._inner_step import inner_optimizers
 from distclip.integrations.deepspeed._verified import SUPPORTED_WRAPPERS
 
-__all__ = ["REFUSALS", "Refusal", "Setup", "refusals_markdown", "refuse"]
+__all__ = [
+    "REFUSALS",
+    "SUBCLASS_MESSAGE",
+    "Refusal",
+    "Setup",
+    "message_of",
+    "refusals_markdown",
+    "refuse",
+]
 
 _MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
@@ -49,17 +57,20 @@ class Setup:
     method: str
     unit: str
 
-    # The fields messages may name (``{name}`` in a row's message).
+    # The fields a row's message may name as ``{field}``.
     @property
     def optimizer_type(self) -> str:
+        """The class name of the engine's optimizer."""
         return type(self.optimizer).__name__
 
     @property
     def supported(self) -> str:
+        """The verified wrappers, comma-separated."""
         return ", ".join(SUPPORTED_WRAPPERS)
 
     @property
     def clip_in_inner_step(self) -> str:
+        """How a message names a piecewise method clipping in the inner step."""
         if self.unit == "element":
             return (
                 "distclip's element-wise clamp (value, coordinate_wise) under DeepSpeed's "
@@ -72,10 +83,12 @@ class Setup:
 
     @property
     def per_unit_method(self) -> str:
+        """How a message names a method with tensor or row units."""
         return f"distclip's {self.method!r} under DeepSpeed"
 
     @property
     def foreign_inner(self) -> str:
+        """The class name of the first inner optimizer that is no torch optimizer."""
         return next(type(opt).__name__ for opt in _foreign_inner(self))
 
 
