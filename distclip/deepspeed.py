@@ -1,42 +1,29 @@
-"""``distclip.deepspeed``: the DeepSpeed engine adapter (see :mod:`distclip.integrations.deepspeed`).
+"""``distclip.deepspeed``: clip a DeepSpeed engine's gradients with distclip.
 
-``distclip.deepspeed.initialize(...)`` wraps ``deepspeed.initialize``;
-``distclip.deepspeed.attach(engine)`` hooks an engine built elsewhere. Importing this
-module does not import DeepSpeed: that happens when one of its functions is called.
+``distclip.deepspeed.initialize(...)`` wraps ``deepspeed.initialize`` (the method and
+its options in the config's ``"distclip"`` section); ``distclip.deepspeed.attach(engine)``
+hooks an engine built elsewhere; :func:`read_section` validates a config's section
+without starting DeepSpeed. How it works and what is refused: ``docs/deepspeed.md``.
+Importing this module does not import DeepSpeed: that happens when one of its
+functions is called.
 """
 
 from distclip.integrations.deepspeed import (
-    DEFAULT_METHOD,
-    ENGINE_HOOK,
-    SECTION_KEY,
-    STATE_KEY,
-    SUPPORTED_WRAPPERS,
-    VERIFIED_VERSIONS,
-    ClipSection,
     DeepSpeedClipAdapter,
     DeepSpeedVersionError,
     attach,
     deepspeed_methods,
     get_adapter,
     initialize,
-    parse_section,
     read_section,
 )
 
 __all__ = [
-    "DEFAULT_METHOD",
-    "ENGINE_HOOK",
-    "SECTION_KEY",
-    "STATE_KEY",
-    "SUPPORTED_WRAPPERS",
-    "VERIFIED_VERSIONS",
-    "ClipSection",
     "DeepSpeedClipAdapter",
     "DeepSpeedVersionError",
     "attach",
     "deepspeed_methods",
     "get_adapter",
     "initialize",
-    "parse_section",
     "read_section",
 ]

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import distclip
-import distclip.deepspeed as dsclip
+import distclip.integrations.deepspeed as dsclip
 from distclip.clippers import AutoClipConfig, LayerWiseConfig, NormClipConfig, ValueConfig
-from distclip.integrations.deepspeed import _hooks
+from distclip.integrations.deepspeed import _verified as _hooks
 from distclip.integrations.deepspeed._config import config_from_arguments, load_deepspeed_config
 
 SECTION = {"method": "autoclip", "q": 0.1, "window": 200, "max_norm": 5.0}

@@ -1,56 +1,22 @@
-"""distclip under DeepSpeed: the engine adapter (``distclip.deepspeed``).
+"""distclip under DeepSpeed: the engine adapter behind ``distclip.deepspeed``.
 
-Two entry points:
+:func:`initialize` wraps ``deepspeed.initialize`` and reads the top-level ``"distclip"``
+section of the DeepSpeed config, validated before DeepSpeed starts; :func:`attach`
+hooks an engine built by other code (HF Trainer, Accelerate). Either way the adapter is
+``engine.distclip`` (:class:`DeepSpeedClipAdapter`), driven by DeepSpeed's own norm (no
+second pass over the gradients, no extra collective), and the clipper's state travels
+in the engine checkpoint's ``client_state``.
 
-* :func:`initialize` takes exactly what ``deepspeed.initialize`` takes and returns what
-  it returns; it reads a top-level ``"distclip"`` section of the DeepSpeed config (a
-  dict, a JSON file path, or base64), validated *before* DeepSpeed starts::
+The modules, one concern each: ``_verified`` (the verified release and wrappers, the
+one ``import deepspeed``), ``_config`` (the section), ``_plan`` (the hook point) and
+``_refusals`` (what is refused), ``_wrapper_hook`` (a wrapper's ``clip_grad``),
+``_inner_step`` (the inner optimizer's step pre-hook), ``_partitions`` (the layouts of
+the flat fp32 partitions), ``_zero0`` (ZeRO 0 in fp32), ``_adapter`` (the object users
+hold). How each wrapper is hooked, what was verified in DeepSpeed's source and what is
+refused: ``docs/deepspeed.md``.
 
-      {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2},
-       "distclip": {"method": "autoclip", "q": 0.1, "window": 200, "max_norm": 5.0}}
-
-      engine, optimizer, _, _ = distclip.deepspeed.initialize(
-          model=model, optimizer=optimizer, config="ds_config.json")
-
-* :func:`attach` hooks an engine built by other code (HF Trainer, Accelerate), with
-  options given as keywords or, when none are, the same section of the engine's config.
-
-The method names and options are those of :func:`distclip.ClippedOptimizer`, for
-every method (:func:`deepspeed_methods`): those driven by one global norm (``norm``,
-``autoclip``, the four stochastic ones, ``zclip``), the element-wise clamps (``value``,
-``coordinate_wise``) and the per-tensor / per-row methods (``layer_wise``, ``agc``).
-The adapter is ``engine.distclip`` (:class:`DeepSpeedClipAdapter`) with ``clipper`` and
-``last_clip``.
-
-One norm, DeepSpeed's own: every DeepSpeed optimizer wrapper computes the pre-clip
-global norm inside ``step()`` and only then reads its clip value; distclip feeds that
-norm to the clipper and hands back this step's threshold (window first, as the native
-wrappers do). No second pass over the gradients, no extra collective. ZeRO 0 in fp32
-(no wrapper) is hooked in the engine, which then also reports the norm in
-``engine.get_global_grad_norm()``.
-
-The element-wise clamps need no norm: a step pre-hook on the torch optimizer that
-updates the fp32 master weights (inside DeepSpeed's wrapper; ZeRO 0 fp32: the engine's
-optimizer) clamps its parameters' gradients, after DeepSpeed has unscaled them and
-before the update, and DeepSpeed's own ``gradient_clipping`` is neutral. Exact on any
-ZeRO partition, with no collective and no read to the host; ``last_clip`` still reports
-DeepSpeed's norm.
-
-``layer_wise`` and ``agc`` clip at the same point, on DeepSpeed's flat fp32 partitions,
-which cut tensors (and rows) at arbitrary offsets: distclip finds each partition's
-pieces of each parameter from DeepSpeed's own bookkeeping and sums the per-tensor
-(per-row) partial norms over the ranks in one all-reduce per inner optimizer step, so
-the result equals the native clip on the whole model. See ``_hooks`` and
-``_partitions`` for the verified wrappers and DeepSpeed versions; anything else is
-refused with a clear error.
-
-Checkpoints: ``engine.save_checkpoint`` saves the clipper's state in ``client_state``
-under the key ``"distclip"`` and ``engine.load_checkpoint`` restores it (the key is
-removed from the ``client_state`` it returns); DeepSpeed's own clip value, which a load
-restores, no longer decides anything.
-
-``import distclip`` does not import DeepSpeed; this package imports it only when one
-of its functions is called.
+``import distclip`` does not import DeepSpeed; this package imports it only when one of
+its functions is called.
 """
 
 from __future__ import annotations
@@ -68,19 +34,17 @@ from distclip.integrations.deepspeed._config import (
     ClipSection,
     config_from_arguments,
     deepspeed_methods,
-    load_deepspeed_config,
     parse_section,
+    read_section,
 )
-from distclip.integrations.deepspeed._hooks import (
-    ENGINE_CLAMP_HOOK,
-    ENGINE_HOOK,
+from distclip.integrations.deepspeed._installed import InstalledHook
+from distclip.integrations.deepspeed._plan import ENGINE_CLAMP_HOOK, ENGINE_HOOK, plan_hook
+from distclip.integrations.deepspeed._verified import (
     SUPPORTED_WRAPPERS,
     VERIFIED_VERSIONS,
     DeepSpeedVersionError,
-    InstalledHook,
     check_version,
     import_deepspeed,
-    plan_hook,
 )
 
 __all__ = [
@@ -99,22 +63,11 @@ __all__ = [
     "get_adapter",
     "initialize",
     "parse_section",
+    "plan_hook",
     "read_section",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def read_section(config: Any) -> ClipSection:
-    """The validated ``"distclip"`` section of a DeepSpeed config (dict, path or base64).
-
-    A config without the section gives the defaults (``autoclip``, ``present=False``).
-
-    Raises:
-        TypeError, ValueError, NotImplementedError: see :func:`parse_section`; also a
-            config that cannot be read.
-    """
-    return parse_section(load_deepspeed_config(config).get(SECTION_KEY))
 
 
 def _engine_section(engine: Any) -> ClipSection:
@@ -193,7 +146,7 @@ def attach(
     allow_unverified: bool = False,
     **options: Any,
 ) -> DeepSpeedClipAdapter:
-    """Clip an existing DeepSpeed engine's gradients with distclip (see the module docstring).
+    """Clip an existing DeepSpeed engine's gradients with distclip (see ``docs/deepspeed.md``).
 
     For engines built by other code (HF Trainer, Accelerate). Call it before the first
     optimizer step. Without ``method`` and options, the ``"distclip"`` section of the
@@ -227,7 +180,7 @@ def attach(
             verified; (``value``, ``coordinate_wise``, ``layer_wise``, ``agc``) a wrapper
             configuration where the inner optimizer step does not update from the
             clipped ``.grad``; (``layer_wise``, ``agc``) model parallelism or ZeRO 3
-            with NVMe offload (see ``_hooks``).
+            with NVMe offload: the refusal table of ``docs/deepspeed.md``.
         DeepSpeedVersionError: an unverified DeepSpeed without ``allow_unverified``.
     """
     if method is None and not options:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from distclip.clippers import Clipper, ClipStats, PiecewiseClipper
 from distclip.integrations.deepspeed._config import SECTION_KEY, ClipSection
-from distclip.integrations.deepspeed._hooks import InstalledHook
+from distclip.integrations.deepspeed._installed import InstalledHook
 from distclip.integrations.wrappers import ENGINE_ADAPTER_ATTR, LastClipMirrors
 
 __all__ = ["STATE_KEY", "DeepSpeedClipAdapter"]

@@ -34,6 +34,7 @@ __all__ = [
     "load_deepspeed_config",
     "parse_section",
     "piecewise_unit",
+    "read_section",
 ]
 
 #: The top-level key of the DeepSpeed config that distclip reads.
@@ -165,6 +166,18 @@ def parse_section(
             f"coefficient min(1, threshold / (norm + 1e-6)) has it built in), got {config.eps!r}"
         )
     return ClipSection(method=method, options=options, config=config, present=present)
+
+
+def read_section(config: Any) -> ClipSection:
+    """The validated ``"distclip"`` section of a DeepSpeed config (dict, path or base64).
+
+    A config without the section gives the defaults (``autoclip``, ``present=False``).
+
+    Raises:
+        TypeError, ValueError, NotImplementedError: see :func:`parse_section`; also a
+            config that cannot be read.
+    """
+    return parse_section(load_deepspeed_config(config).get(SECTION_KEY))
 
 
 def load_deepspeed_config(config: Any) -> dict[str, Any]:

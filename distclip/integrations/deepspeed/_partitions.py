@@ -1,31 +1,9 @@
-"""Per-tensor and per-row clipping (``layer_wise``, ``agc``) on DeepSpeed's flat fp32 partitions.
+"""Where each parameter's pieces lie in DeepSpeed's flat fp32 partitions (``layer_wise``, ``agc``).
 
-The torch optimizer inside a DeepSpeed wrapper updates flat fp32 buffers, each the
-concatenation of this rank's pieces of several parameters (cut at arbitrary offsets
-under ZeRO 1-3 and ``BF16_Optimizer``). This module finds, for each such buffer, which
-piece of which parameter lies where (a :class:`FlatLayout`), and clips them in the
-inner optimizer's step pre-hook (:class:`FragmentClip`): one all-reduce of the vector
-of per-tensor (per-row) partial sums per buffer batch, over the process group
-DeepSpeed partitioned that buffer over. Where the layout comes from, verified in
-DeepSpeed 0.19.8's source:
-
-* ZeRO 1/2 and ``BF16_Optimizer``: ``single_partition_of_fp32_groups[i]`` /
-  ``fp32_groups_flat_partition[i]`` is the inner optimizer's parameter of param group
-  ``i``; ``link_hp_params`` gives each parameter of ``bit16_groups[i]`` /
-  ``bf16_groups[i]`` that overlaps this rank's partition a ``_hp_mapping`` whose
-  ``hp_fragment_address.start`` is the piece's offset in that buffer and
-  ``lp_fragment_address.start`` its offset in the flattened parameter; the partition is
-  over ``real_dp_process_group[i]``. ZeRO 1/2 calls the inner step once per param
-  group; ``BF16_Optimizer`` once for all.
-* ZeRO 3: ``fp32_partitioned_groups_flat[s]`` is the buffer of sub-group ``s``: the
-  parameters of ``fp16_groups[s]`` in order, each ``partition_numel()`` elements (its
-  ``ds_tensor``, zero-padded on the last ranks) at ``grad_position[id][1]``; rank ``r``
-  of ``sub_group_process_groups[s]`` holds elements ``[r * partition_numel, ...)`` of
-  the flattened parameter (shape ``ds_shape``). The inner step runs once per sub-group,
-  in the same order on every rank, with only that buffer in ``param_groups``.
-* ``FP16_Optimizer``: ``fp32_groups_flat[i]`` is ``fp16_groups[i]`` flattened whole
-  (no partition, no collective). ``FP16_UnfusedOptimizer`` and ZeRO 0 in fp32: whole
-  parameter tensors (no collective).
+A :class:`FlatLayout` per buffer, found once from DeepSpeed's own bookkeeping (each
+wrapper keeps it differently), and :class:`FragmentClip`, the inner step's pre-hook
+body that clips a batch of buffers with one all-reduce over the process group they are
+partitioned over. The bookkeeping read, wrapper by wrapper: ``docs/deepspeed.md``.
 """
 
 from __future__ import annotations
@@ -127,7 +105,7 @@ class FragmentClip:
 
     Args:
         wrapper: the DeepSpeed optimizer wrapper instance.
-        name: its class name (one of ``_hooks.SUPPORTED_WRAPPERS``); ``None`` for
+        name: its class name (one of ``_verified.SUPPORTED_WRAPPERS``); ``None`` for
             whole tensors without a wrapper (ZeRO 0 in fp32).
         clipper: a piecewise clipper with tensor or row units (``layer_wise``, ``agc``).
     """
