@@ -18,7 +18,7 @@ for _path in (str(_HERE.parent / "distributed"), str(_HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from harness import ProcessGroupHarness, running_group  # noqa: E402
+from tests.support.harness import ProcessGroupHarness, running_group  # noqa: E402
 
 #: Seconds one ``group.run`` of many DeepSpeed configurations may take.
 DS_TIMEOUT = 600.0

@@ -526,9 +526,9 @@ def run_host_reads(specs: list[dict[str, Any]], steps: int = 5) -> list[dict[str
     For each spec: the same engine built by plain ``deepspeed.initialize`` (DeepSpeed's
     own ``gradient_clipping``) and by ``distclip.deepspeed.initialize``; after two
     warm-up steps, each of the remaining steps (backward and ``engine.step()``) runs
-    under ``tests.op_probe.probe``. What distclip adds is the difference.
+    under ``tests.support.op_probe.probe``. What distclip adds is the difference.
     """
-    from tests.op_probe import probe
+    from tests.support.op_probe import probe
 
     deepspeed = setup()
     rank = dist.get_rank()

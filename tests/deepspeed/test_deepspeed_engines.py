@@ -37,7 +37,8 @@ import ds_workers
 import pytest
 import torch
 from ds_setup import make_model, make_spec, own_norm_thresholds, reference_train, unit_clip_counts
-from harness import ProcessGroupHarness
+
+from tests.support.harness import ProcessGroupHarness
 
 pytestmark = pytest.mark.distributed
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from contract_models import TwoBlocks, features, make
 from torch import Tensor, nn
-from workers_layouts import count_collectives, value_of
 
 import distclip
-from tests.reference import norm_of
+from tests.distributed.contract_models import TwoBlocks, features, make
+from tests.support.collectives import count_collectives, value_of
+from tests.support.reference import norm_of
 
 #: test_nn's norm types, and those distclip adds (checked against the reference only).
 TORCH_NORM_TYPES = (0.5, 1.5, 2, 4, "inf")

@@ -22,7 +22,8 @@ import torch
 
 import distclip
 from distclip.functional import step_uniform
-from tests.reference import CLIPPING_OPTIONS, SlowAutoClip
+from tests.support.methods import CLIPPING_OPTIONS
+from tests.support.reference import SlowAutoClip
 
 pytestmark = pytest.mark.gpu
 

@@ -36,7 +36,7 @@ from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy  # noqa:
 
 import distclip  # noqa: E402
 from distclip.lightning import DistClipCallback  # noqa: E402
-from tests.reference import SlowAutoClip, norm_of  # noqa: E402
+from tests.support.reference import SlowAutoClip, norm_of  # noqa: E402
 
 IN_FEATURES = 8
 HIDDEN = 16

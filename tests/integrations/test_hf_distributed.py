@@ -23,9 +23,10 @@ from typing import Any
 
 import hf_workers
 import pytest
-from harness import ProcessGroupHarness
 from integ_checks import RTOL, check_against_reference, check_resumed, ok, thresholds
 from integ_setup import METHOD, OPTIONS
+
+from tests.support.harness import ProcessGroupHarness
 
 pytestmark = pytest.mark.distributed
 

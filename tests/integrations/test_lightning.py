@@ -30,10 +30,10 @@ for _path in (str(_HERE.parent / "distributed"), str(_HERE)):
 
 import lightning_runs as runs  # noqa: E402
 import lightning_support as ls  # noqa: E402
-from harness import ProcessGroupHarness, running_group  # noqa: E402
 
 import distclip  # noqa: E402
 from distclip.lightning import DistClipCallback  # noqa: E402
+from tests.support.harness import ProcessGroupHarness, running_group  # noqa: E402
 
 #: Seconds one call into the group may take (Lightning and DeepSpeed start-up included).
 RUN_TIMEOUT = 240.0

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import distclip
 from distclip.integrations.deepspeed import parse_section
-from tests.reference import norm_of
+from tests.support.reference import norm_of
 
 EVERY_NORM_TYPE = [2.0, 1, "3", 0.5, 0, -1.0, "-2.5", "inf", "-inf", math.inf, -math.inf]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import distclip
-from tests.reference import EPS, SlowAutoClip, SlowZClip, agc_reference, norm_of
+from tests.support.reference import EPS, SlowAutoClip, SlowZClip, agc_reference, norm_of
 
 LR = 0.1
 

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -60,6 +60,7 @@ __all__ = [
     "ProcessGroupHarness",
     "RemoteError",
     "WorkerError",
+    "leave",
 ]
 
 #: Seconds a :meth:`ProcessGroupHarness.run` may take before the group is declared hung.
@@ -199,18 +200,27 @@ def _worker_main(
         except Exception:
             traceback.print_exc()
     finally:
-        try:
-            gc.collect()
-            import torch.distributed as dist
+        leave(exit_code)
 
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        except BaseException:
-            traceback.print_exc()
-            exit_code = exit_code or 2
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
+
+def leave(exit_code: int) -> NoReturn:
+    """Leave a worker process: drop garbage, destroy the process group, ``os._exit``.
+
+    A gloo worker that runs the interpreter's normal shutdown can die of SIGABRT; a
+    failed destroy turns a clean exit code into 2.
+    """
+    try:
+        gc.collect()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        exit_code = exit_code or 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 # --------------------------------------------------------------------------- parent side
