@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -27,3 +29,16 @@ def group2() -> Iterator[ProcessGroupHarness]:
 def group4() -> Iterator[ProcessGroupHarness]:
     """Four gloo ranks (2x2 meshes), started once per test module; checks they exit cleanly."""
     yield from running_group(4)
+
+
+@pytest.fixture
+def deepspeed_never_initialized(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """DeepSpeed, with ``deepspeed.initialize`` replaced by a tripwire (for one test)."""
+    deepspeed = pytest.importorskip("deepspeed")
+
+    @functools.wraps(deepspeed.initialize)  # keeps the signature distclip binds against
+    def tripwire(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("deepspeed.initialize ran although the configuration is invalid")
+
+    monkeypatch.setattr(deepspeed, "initialize", tripwire)
+    return deepspeed

@@ -31,7 +31,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import distclip
-from distclip.errors import NonFiniteNormError, RankDesyncError
 from tests.support import layouts
 from tests.support.problem import FAULTS, loss_fn
 from tests.support.reference import SlowAutoClip, norm_of
@@ -149,7 +148,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
             out["before"] = _snapshot(model, optimizer)
         try:
             optimizer.step()
-        except NonFiniteNormError as error:
+        except distclip.NonFiniteNormError as error:
             out["errors"].append((step, type(error).__name__, str(error)))
             out["after"] = _snapshot(model, optimizer)
             break
@@ -298,7 +297,7 @@ def missing_rank(timeout_s: float) -> dict[str, Any]:
                     clipper.clip_()
                 else:
                     clipper.check_consistency(group, timeout=timedelta(seconds=timeout_s))
-            except (RuntimeError, RankDesyncError) as error:
+            except (RuntimeError, distclip.RankDesyncError) as error:
                 out[what] = (type(error).__name__, str(error), time.monotonic() - start)
             else:
                 out[what] = None

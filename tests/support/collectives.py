@@ -34,8 +34,7 @@ C10D_COLLECTIVES = (
 def same_all_reduce() -> bool:
     """distclip's ``dist.all_reduce`` is the ``torch.distributed`` attribute counted here."""
     return (
-        internals.collectives_module().dist is dist
-        and dist.all_reduce is dist.distributed_c10d.all_reduce
+        internals.collectives.dist is dist and dist.all_reduce is dist.distributed_c10d.all_reduce
     )
 
 

@@ -12,7 +12,6 @@ framework.
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -20,17 +19,27 @@ import torch
 import distclip
 from distclip.clippers import resolve_method
 from distclip.clippers.stats import RECORD_FIELDS
-from distclip.reduction import ReductionPlan
+from distclip.functional._grouping import use_foreach
+from distclip.integrations import frameworks, metrics, wrappers
+from distclip.integrations.binding import STATE_KEY
+from distclip.reduction import ReductionPlan, collectives, get_layout, local_tensor
 from distclip.window import NormWindow
 
 __all__ = [
     "RECORD_FIELDS",
+    "STATE_KEY",
     "NormWindow",
     "ReductionPlan",
     "clipper_class",
-    "collectives_module",
+    "collectives",
     "config_class",
+    "frameworks",
+    "get_layout",
+    "local_tensor",
+    "metrics",
     "plan_of",
+    "use_foreach",
+    "wrappers",
 ]
 
 
@@ -49,13 +58,6 @@ def canonical_method(method: str) -> str:
     return clipper_class(method).method
 
 
-def collectives_module() -> ModuleType:
-    """The module distclip issues its collectives from (its ``dist`` is counted)."""
-    from distclip.reduction import collectives
-
-    return collectives
-
-
 def plan_of(clipper: distclip.Clipper) -> Any:
     """The reduction plan a clipper built at construction (collectives, describe())."""
     return clipper.plan  # type: ignore[attr-defined]
@@ -69,3 +71,82 @@ def build_plan(params: Any, **layout: Any) -> Any:
 def state_tensors(clipper: distclip.Clipper) -> list[torch.Tensor]:
     """The clipper's state tensors (window, EMA, counters), in its own order."""
     return list(clipper._state_tensors())  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------- DeepSpeed
+def fragment_collectives(engine: Any) -> int | None:
+    """The all-reduces the per-unit clip (layer_wise / agc over DeepSpeed's partitions)
+    issued on ``engine``, read off its step pre-hook on the inner optimizer; ``None``
+    where there is no such hook (ZeRO 0 in fp32)."""
+    inner = getattr(engine.optimizer, "optimizer", None) if engine.distclip.wrapper else None
+    hooks = getattr(inner, "_optimizer_step_pre_hooks", {}).values()
+    clips = [hook.apply for hook in hooks if hasattr(hook, "apply")]
+    return clips[0].collectives if clips else None
+
+
+def parse_deepspeed_section(section: Any) -> Any:
+    """The DeepSpeed config's ``"distclip"`` section, validated (a ``ClipSection``)."""
+    from distclip.integrations.deepspeed import parse_section
+
+    return parse_section(section)
+
+
+def read_deepspeed_section(config: Any) -> Any:
+    """The validated ``"distclip"`` section of a DeepSpeed config (dict, path, base64)."""
+    from distclip.integrations.deepspeed import read_section
+
+    return read_section(config)
+
+
+def deepspeed_methods() -> tuple[str, ...]:
+    """The method names that work under DeepSpeed."""
+    from distclip.integrations.deepspeed import deepspeed_methods
+
+    return tuple(deepspeed_methods())
+
+
+def load_deepspeed_config(config: Any) -> dict[str, Any]:
+    """A DeepSpeed config as a dict, read as ``deepspeed.initialize`` reads it."""
+    from distclip.integrations.deepspeed._config import load_deepspeed_config
+
+    return load_deepspeed_config(config)
+
+
+def deepspeed_config_from_arguments(arguments: dict[str, Any]) -> Any:
+    """Where ``deepspeed.initialize``'s arguments hold the config (as it looks)."""
+    from distclip.integrations.deepspeed._config import config_from_arguments
+
+    return config_from_arguments(arguments)
+
+
+def deepspeed_version_verified(version: str) -> bool:
+    """Whether distclip has verified DeepSpeed ``version``."""
+    from distclip.integrations.deepspeed import _hooks
+
+    return bool(_hooks._is_verified(version))
+
+
+def forget_warned_deepspeed_versions(monkeypatch: Any) -> None:
+    """Forget (for one test) which unverified DeepSpeed versions were warned about."""
+    from distclip.integrations.deepspeed import _hooks
+
+    monkeypatch.setattr(_hooks, "_warned_versions", set())
+
+
+def deepspeed_supported_wrappers() -> tuple[str, ...]:
+    """The DeepSpeed optimizer wrappers distclip drives."""
+    from distclip.integrations.deepspeed import SUPPORTED_WRAPPERS
+
+    return tuple(SUPPORTED_WRAPPERS)
+
+
+def deepspeed_wrapper_modules() -> dict[str, Any]:
+    """The DeepSpeed modules each supported wrapper is looked up in."""
+    from distclip.integrations.deepspeed import _hooks
+
+    return dict(_hooks._WRAPPER_MODULES)
+
+
+def optimizer_config(optimizer_cls: type[Any]) -> Any:
+    """The validated clipping configuration a distclip optimizer class was built with."""
+    return optimizer_cls._distclip_config

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distclip.window import NormWindow
+from tests.support.internals import NormWindow
 from tests.support.reference import SlowAutoClip
 
 norms = st.one_of(

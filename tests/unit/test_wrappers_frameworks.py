@@ -10,9 +10,7 @@ import pytest
 import torch
 
 import distclip
-from distclip.clippers.stats import RECORD_FIELDS
-from distclip.integrations import frameworks
-from distclip.integrations.binding import STATE_KEY
+from tests.support.internals import RECORD_FIELDS, STATE_KEY, frameworks
 from tests.support.reference import SlowAutoClip
 
 
