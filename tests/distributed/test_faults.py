@@ -21,6 +21,8 @@ from tests.support.reference import Reference, SlowAutoClip, reference_train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
+#: The layouts of ``tests.support.layouts`` the fault runs use.
+LAYOUTS = ("ddp", "fsdp2")
 STEPS = 14
 Q = 0.3
 WINDOW = 6
@@ -181,7 +183,7 @@ def test_bf16_gradients_accumulate_in_float32(group2: ProcessGroupHarness) -> No
 
 
 # ---------------------------------------------------------------- accumulation
-@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradient_accumulation_one_window_entry_per_step(
     group2: ProcessGroupHarness, layout: str
 ) -> None:

@@ -1,6 +1,6 @@
 """distclip on sharded layouts with 2 gloo ranks on CPU, against a 1-process reference.
 
-Layouts (see ``tests.support.layouts``): FSDP1 (FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, each
+Layouts (see ``tests.support.layouts``): DDP, FSDP1 (FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, each
 with ``use_orig_params`` on and off; a submodule FSDP ignores; empty local shards),
 FSDP2 (per layer + root: uneven and empty shards; 2-norm and inf-norm), tensor
 parallel, and two pipeline stages holding a tied weight. Each run trains 24 steps of
@@ -28,6 +28,7 @@ from tests.distributed.layouts_asserts import (
     check_run,
 )
 from tests.distributed.workers_layouts import make_spec
+from tests.support import layouts
 from tests.support.harness import ProcessGroupHarness
 from tests.support.layouts import STAGE_PARAMS
 from tests.support.problem import LAYOUTS
@@ -42,6 +43,8 @@ def _fsdp1(sharding: str, use_orig_params: bool, **options: Any) -> dict[str, An
 
 #: name: (spec, all-reduces per step).
 SPECS: dict[str, tuple[dict[str, Any], int]] = {
+    # DDP already averaged the gradients: nothing to reduce.
+    "ddp": (make_spec("ddp", momentum=0.9), 0),
     "fsdp1-full-orig": (_fsdp1("FULL_SHARD", True, momentum=0.9, foreach=True), 1),
     "fsdp1-full-flat": (_fsdp1("FULL_SHARD", False, integration="attach"), 1),
     "fsdp1-gradop-orig": (_fsdp1("SHARD_GRAD_OP", True, integration="attach"), 1),
@@ -66,6 +69,15 @@ SPECS: dict[str, tuple[dict[str, Any], int]] = {
 }
 
 run_spec = cached_runner(SPECS)
+
+
+def test_every_registered_layout_is_run() -> None:
+    """Each builder of ``tests.support.layouts`` trains here or in the 4-rank module
+    (``single``, the 1-process layout, in the method and reliability suites)."""
+    from tests.distributed.test_layouts_4ranks import SPECS as SPECS_4RANKS
+
+    run = {spec["layout"] for spec, _ in (*SPECS.values(), *SPECS_4RANKS.values())}
+    assert run | {"single"} == set(layouts.LAYOUTS)
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -23,6 +23,7 @@ the stateful methods under DDP that must resume bit for bit.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -45,6 +46,7 @@ from tests.support.reference import (
 
 pytestmark = pytest.mark.distributed
 
+#: The layouts of ``tests.support.layouts`` every configuration trains on.
 LAYOUTS = ("ddp", "fsdp2")
 #: Configurations checked against the slow references under DDP.
 REFERENCE_CONFIGS = ("autoclip", "auto_clip", "zclip", "zclip-mean-maxnorm", "agc", "agc-eps")
@@ -108,13 +110,21 @@ def single() -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(group2: ProcessGroupHarness) -> list[dict[str, Any]]:
-    return group2.run(workers_methods.train_all, "ddp", list(CONFIGS), STEPS)
+def layout_runs(group2: ProcessGroupHarness) -> Callable[[str], list[dict[str, Any]]]:
+    """``runs(layout)``: every configuration trained on ``layout``, once per module."""
+    cache: dict[str, list[dict[str, Any]]] = {}
+
+    def runs(layout: str) -> list[dict[str, Any]]:
+        if layout not in cache:
+            cache[layout] = group2.run(workers_methods.train_all, layout, list(CONFIGS), STEPS)
+        return cache[layout]
+
+    return runs
 
 
 @pytest.fixture(scope="module")
-def fsdp2_runs(group2: ProcessGroupHarness) -> list[dict[str, Any]]:
-    return group2.run(workers_methods.train_all, "fsdp2", list(CONFIGS), STEPS)
+def ddp_runs(layout_runs: Callable[[str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return layout_runs("ddp")
 
 
 @pytest.fixture(scope="module")
@@ -274,17 +284,15 @@ def test_every_method_has_a_configuration() -> None:
 
 
 @pytest.mark.parametrize("config_id", list(CONFIGS))
-def test_ddp_matches_single_process(
-    ddp_runs: list[dict[str, Any]], single: dict[str, dict[str, Any]], config_id: str
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_single_process(
+    layout_runs: Callable[[str], list[dict[str, Any]]],
+    single: dict[str, dict[str, Any]],
+    layout: str,
+    config_id: str,
 ) -> None:
-    check_against_single(per_rank(ddp_runs, config_id), single[config_id], config_id, "ddp")
-
-
-@pytest.mark.parametrize("config_id", list(CONFIGS))
-def test_fsdp2_matches_single_process(
-    fsdp2_runs: list[dict[str, Any]], single: dict[str, dict[str, Any]], config_id: str
-) -> None:
-    check_against_single(per_rank(fsdp2_runs, config_id), single[config_id], config_id, "fsdp2")
+    runs = layout_runs(layout)
+    check_against_single(per_rank(runs, config_id), single[config_id], config_id, layout)
 
 
 @pytest.mark.parametrize("config_id", REFERENCE_CONFIGS)

@@ -29,6 +29,8 @@ before wrapping), ``dtype`` (the parameters' dtype before wrapping). The layouts
   shared (``shared``: ``"mark_shared"`` or ``"attr"``; ``new_group``);
 * ``hand_tp``: Megatron-style tensor parallelism on plain tensors, told to distclip
   with ``mark_layout`` (``mixed``: FSDP2 on ``fc3`` and ``out``); see ``layouts_hand``.
+
+The pipeline and hand-marked builders live in ``layouts_pipeline`` and ``layouts_hand``.
 """
 
 from __future__ import annotations
@@ -42,10 +44,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-import distclip
-from tests.support.problem import Problem, loss_fn, stage0_forward, stage1_forward
+from tests.support.problem import Problem, loss_fn
 
-__all__ = ["LAYOUTS", "Prepared", "build", "gather_named", "layout", "local_numel"]
+__all__ = [
+    "LAYOUTS",
+    "STAGE_PARAMS",
+    "Prepared",
+    "build",
+    "gather_named",
+    "layout",
+    "local_numel",
+]
 
 
 @dataclass
@@ -154,7 +163,7 @@ def make_model(
     return model
 
 
-def _prepared(
+def simple_layout(
     problem: Problem,
     module: nn.Module,
     data: tuple[int, int],
@@ -191,7 +200,7 @@ def world_mesh() -> Any:
     return init_device_mesh("cpu", (dist.get_world_size(),))
 
 
-def _mesh_2x2(names: tuple[str, str]) -> Any:
+def mesh_2x2(names: tuple[str, str]) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
@@ -201,7 +210,7 @@ def _mesh_2x2(names: tuple[str, str]) -> Any:
 @layout("single")
 def single(problem: Problem, **options: Any) -> Prepared:
     """The plain model in this process: no process group, the whole batch."""
-    return _prepared(problem, make_model(problem, **options), (0, 1))
+    return simple_layout(problem, make_model(problem, **options), (0, 1))
 
 
 @layout("ddp")
@@ -210,7 +219,7 @@ def ddp(problem: Problem, *, ddp_kwargs: dict[str, Any] | None = None, **options
 
     model = make_model(problem, **options)
     module = DistributedDataParallel(model, **(ddp_kwargs or {}))
-    return _prepared(problem, module, (dist.get_rank(), dist.get_world_size()), inner=model)
+    return simple_layout(problem, module, (dist.get_rank(), dist.get_world_size()), inner=model)
 
 
 # --------------------------------------------------------------------------- FSDP1
@@ -238,7 +247,7 @@ def fsdp1(
     }
     if strategy == ShardingStrategy.HYBRID_SHARD:
         # Without an explicit mesh, FSDP1's hybrid groups silently stop syncing on CPU.
-        kwargs["device_mesh"] = _mesh_2x2(("replicate", "shard"))
+        kwargs["device_mesh"] = mesh_2x2(("replicate", "shard"))
     model = make_model(problem, **options)
     model.fc1 = FSDP(model.fc1, **kwargs)
     model.fc2 = FSDP(model.fc2, **kwargs)
@@ -256,7 +265,7 @@ def fsdp1(
         with FSDP.summon_full_params(root):
             return {clean_tensor_name(n): p.detach().clone() for n, p in root.named_parameters()}
 
-    prepared = _prepared(
+    prepared = simple_layout(
         problem, root, (dist.get_rank(), world), model=root, post_backward=average_ignored_grads
     )
     prepared.full_params = full_params
@@ -283,10 +292,10 @@ def shard_linears(model: nn.Module, mesh: Any, layers: Iterable[nn.Module] | Non
 @layout("fsdp2")
 def fsdp2(problem: Problem, *, hsdp: bool = False, **options: Any) -> Prepared:
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = _mesh_2x2(("replicate", "shard")) if hsdp else world_mesh()
+    mesh = mesh_2x2(("replicate", "shard")) if hsdp else world_mesh()
     model = make_model(problem, **options)
     shard_linears(model, mesh)
-    return _prepared(problem, model, (rank, world))
+    return simple_layout(problem, model, (rank, world))
 
 
 def _tensor_parallel(model: nn.Module, mesh: Any) -> None:
@@ -303,108 +312,21 @@ def _tensor_parallel(model: nn.Module, mesh: Any) -> None:
 def tp(problem: Problem, **options: Any) -> Prepared:
     model = make_model(problem, **options)
     _tensor_parallel(model, world_mesh())
-    return _prepared(problem, model, (0, 1))
+    return simple_layout(problem, model, (0, 1))
 
 
 @layout("fsdp2_tp")
 def fsdp2_tp(problem: Problem, **options: Any) -> Prepared:
-    mesh = _mesh_2x2(("dp", "tp"))
+    mesh = mesh_2x2(("dp", "tp"))
     model = make_model(problem, **options)
     _tensor_parallel(model, mesh["tp"])
     # fc3 is not tensor parallel: its parameters live on the dp sub-mesh only (as does
     # the root's `out`), the TP ones on the whole 2-D mesh.
     shard_linears(model, mesh["dp"], layers=(model.fc1, model.fc2, model.fc3))
-    return _prepared(problem, model, (mesh.get_local_rank("dp"), 2))
+    return simple_layout(problem, model, (mesh.get_local_rank("dp"), 2))
 
 
-# ------------------------------------------------------------------------ pipeline
-#: Parameter names (of ``TiedMLP``) held by each pipeline stage.
-STAGE_PARAMS = (
-    ("tied", "fc1.weight", "fc1.bias"),
-    ("fc2.weight", "fc2.bias", "tied", "fc3.weight", "fc3.bias", "out.weight", "out.bias"),
-)
-
-
-def _copy_linear(linear: nn.Linear) -> nn.Linear:
-    copy = nn.Linear(linear.in_features, linear.out_features)
-    copy.load_state_dict(linear.state_dict())
-    return copy
-
-
-class Stage(nn.Module):
-    """One pipeline stage of ``TiedMLP``: copies of that stage's parameters."""
-
-    def __init__(self, full: nn.Module, stage: int) -> None:
-        super().__init__()
-        self.stage = stage
-        self.tied = nn.Parameter(full.tied.detach().clone())
-        self.fc1 = _copy_linear(full.fc1) if stage == 0 else None
-        self.fc2 = _copy_linear(full.fc2) if stage == 1 else None
-        self.fc3 = _copy_linear(full.fc3) if stage == 1 else None
-        self.out = _copy_linear(full.out) if stage == 1 else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return stage0_forward(self, x) if self.stage == 0 else stage1_forward(self, x)
-
-
-@layout("pipeline")
-def pipeline(
-    problem: Problem, *, shared: str = "mark_shared", new_group: bool = False, **options: Any
-) -> Prepared:
-    world = dist.get_world_size()
-    mesh = None
-    if world == 2:
-        stage, dp_rank, dp_size = dist.get_rank(), 0, 1
-        # One group holding one rank per stage: the world, or a new group of both.
-        pp_group = dist.new_group([0, 1]) if new_group else dist.group.WORLD
-    else:
-        mesh = _mesh_2x2(("pp", "dp"))
-        stage, dp_rank, dp_size = mesh.get_local_rank("pp"), mesh.get_local_rank("dp"), 2
-        pp_group = mesh["pp"].get_group()
-    peer = next(r for r in dist.get_process_group_ranks(pp_group) if r != dist.get_rank())
-    module = Stage(make_model(problem, kind="tied", **options), stage)
-    if mesh is not None:
-        layers = [m for m in (module.fc1, module.fc2, module.fc3, module.out) if m is not None]
-        shard_linears(module, mesh["dp"], layers=layers)
-    if stage == 1:  # the second copy of the tied weight: scaled, never counted
-        if shared == "mark_shared":
-            distclip.mark_shared(module.tied)
-        else:
-            module.tied.shared = True  # Megatron-LM's way
-
-    def backward(step: int) -> None:
-        x, y = problem.batch_slice(step, dp_rank, dp_size)
-        if stage == 0:
-            activation = module(x)
-            dist.send(activation.detach().contiguous(), peer)
-            grad = torch.empty_like(activation)
-            dist.recv(grad, peer)
-            activation.backward(grad)
-        else:
-            activation = torch.empty(x.shape[0], problem.widths[1])
-            dist.recv(activation, peer)
-            activation.requires_grad_(True)
-            loss_fn(module(activation), y).backward()
-            dist.send(activation.grad.contiguous(), peer)
-        # Megatron's embedding group: both copies of the tied weight get the sum.
-        dist.all_reduce(
-            getattr(module.tied.grad, "_local_tensor", module.tied.grad), group=pp_group
-        )
-
-    prepared = _prepared(
-        problem,
-        module,
-        (dp_rank, dp_size),
-        pipeline_groups=[pp_group] if new_group else pp_group,
-        backward_fn=backward,
-    )
-    prepared.info = {
-        "stage": stage,
-        "data": (dp_rank, dp_size),
-        "local_numel": prepared.info["local_numel"],
-    }
-    return prepared
-
-
-# The hand-marked layouts live in their own module, which builds on this one.
-from tests.support import layouts_hand  # noqa: E402, F401
+# The pipeline and the hand-marked layouts live in modules of their own, which build
+# on this one.
+from tests.support import layouts_hand, layouts_pipeline  # noqa: E402, F401
+from tests.support.layouts_pipeline import STAGE_PARAMS  # noqa: E402

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import distclip
-from tests.support.layouts import Prepared, gather_named, layout, local_numel, make_model
+from tests.support.layouts import Prepared, gather_named, layout, local_numel, make_model, mesh_2x2
 from tests.support.problem import Problem
 
 #: The parameters split across the tensor-parallel group, and along which dimension.
@@ -80,12 +80,11 @@ def _gather_split(tensor: Tensor, dim: int, group: Any) -> Tensor:
 @layout("hand_tp")
 def hand_tp(problem: Problem, *, mixed: bool = False, **options: Any) -> Prepared:
     """Build the hand-sharded layout and mark it (``mixed``: FSDP2 on ``fc3`` and ``out``)."""
-    from torch.distributed.device_mesh import init_device_mesh
 
     if dist.get_world_size() == 2:
         tp_group, dp_group, dp_mesh, data = dist.group.WORLD, None, None, (0, 1)
     else:
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        mesh = mesh_2x2(("dp", "tp"))
         tp_group, dp_group, dp_mesh = mesh["tp"].get_group(), mesh["dp"].get_group(), mesh["dp"]
         data = (mesh.get_local_rank("dp"), 2)
     module = HandTP(make_model(problem, **options), tp_group)
