@@ -99,17 +99,22 @@ SAME_AS = {"clipper_class": "make_clipper", "deepspeed.initialize(args)": "deeps
 
 
 def _in_json(row: BadOptions) -> bool:
-    """Whether a JSON file holds the row's section as it is.
+    """Whether a JSON file can hold the row's section, and it is refused when read back.
 
-    Not with NaN, inf or a tensor; nor with a float of integral value, which
-    DeepSpeed's config reader (hjson) turns into an int (``200.0`` into ``200``).
+    Not with NaN, inf or a tensor; nor where an integral float is the error (a
+    ``TypeError``): DeepSpeed's config reader (hjson) reads ``200.0`` as ``200``.
     """
     try:
         json.dumps(_section(row), allow_nan=False)
     except (TypeError, ValueError):
         return False
-    values = row.options.values() if isinstance(_section(row), dict) else ()
-    return not any(isinstance(v, float) and v.is_integer() for v in values)
+    integral = any(isinstance(v, float) and v.is_integer() for v in row.options.values())
+    return not (integral and row.error is TypeError)
+
+
+def _read_from_json(pattern: str) -> str:
+    """``pattern`` for a value read back from a JSON file: ``1.0`` may come back as ``1``."""
+    return re.sub(r"(\d)\\\.0\b", r"\1(?:\\.0)?", pattern)
 
 
 def _option_cases() -> list[Any]:
@@ -187,6 +192,8 @@ def test_bad_options_are_refused_by_every_entry_point(
     with pytest.raises(error) as info:
         call(target, row, tmp_path)
     message = str(info.value)
+    if entry == "deepspeed.initialize(args)":
+        pattern = _read_from_json(pattern)
     if row.prefixed:
         pattern = re.escape(prefix) + pattern
     assert re.match(pattern, message), f"{entry}: {message!r}"
