@@ -60,6 +60,7 @@ def _resolve(module_name: str, qualname: str) -> Callable[..., Any]:
 
 
 def describe(rank: int, exc: BaseException) -> RemoteError:
+    """``exc`` raised on ``rank``, as it is sent to the parent (a formatted traceback)."""
     return RemoteError(
         rank=rank,
         type_name=f"{type(exc).__module__}.{type(exc).__qualname__}",

@@ -201,6 +201,7 @@ def world_mesh() -> Any:
 
 
 def mesh_2x2(names: tuple[str, str]) -> Any:
+    """A 2 x 2 CPU device mesh with dimension ``names`` (4 ranks)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
@@ -215,6 +216,7 @@ def single(problem: Problem, **options: Any) -> Prepared:
 
 @layout("ddp")
 def ddp(problem: Problem, *, ddp_kwargs: dict[str, Any] | None = None, **options: Any) -> Prepared:
+    """DistributedDataParallel over every rank (``ddp_kwargs``: its extra arguments)."""
     from torch.nn.parallel import DistributedDataParallel
 
     model = make_model(problem, **options)
@@ -232,6 +234,7 @@ def fsdp1(
     ignored: bool = False,
     **options: Any,
 ) -> Prepared:
+    """FSDP1: ``fc1`` and ``fc2`` as units of their own, the rest in the root's."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp._common_utils import clean_tensor_name
@@ -291,6 +294,7 @@ def shard_linears(model: nn.Module, mesh: Any, layers: Iterable[nn.Module] | Non
 
 @layout("fsdp2")
 def fsdp2(problem: Problem, *, hsdp: bool = False, **options: Any) -> Prepared:
+    """FSDP2 on every trainable Linear and the root (``hsdp``: on a 2 x 2 mesh)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = mesh_2x2(("replicate", "shard")) if hsdp else world_mesh()
     model = make_model(problem, **options)
@@ -310,6 +314,7 @@ def _tensor_parallel(model: nn.Module, mesh: Any) -> None:
 
 @layout("tp")
 def tp(problem: Problem, **options: Any) -> Prepared:
+    """Tensor parallelism over every rank: ``fc1`` column-, ``fc2`` row-wise."""
     model = make_model(problem, **options)
     _tensor_parallel(model, world_mesh())
     return simple_layout(problem, model, (0, 1))
@@ -317,6 +322,7 @@ def tp(problem: Problem, **options: Any) -> Prepared:
 
 @layout("fsdp2_tp")
 def fsdp2_tp(problem: Problem, **options: Any) -> Prepared:
+    """FSDP2 over ``dp`` and tensor parallelism over ``tp`` of a 2 x 2 mesh."""
     mesh = mesh_2x2(("dp", "tp"))
     model = make_model(problem, **options)
     _tensor_parallel(model, mesh["tp"])

@@ -61,6 +61,7 @@ class Stage(nn.Module):
 def pipeline(
     problem: Problem, *, shared: str = "mark_shared", new_group: bool = False, **options: Any
 ) -> Prepared:
+    """Two pipeline stages of ``TiedMLP`` (see the module docstring)."""
     world = dist.get_world_size()
     mesh = None
     if world == 2:
