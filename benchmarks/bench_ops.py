@@ -8,7 +8,7 @@ Run from the repository root in the project's environment (no GPU needed)::
 For every method and entry point (an optimizer class with fused AdamW, ``attach`` on a
 fused AdamW, a standalone ``clip_()``, and the functional drop-ins called again and
 again on the same parameters), one step after two warm-up steps runs under the
-``TorchDispatchMode`` of ``tests/op_probe.py``, which counts host reads
+``TorchDispatchMode`` of ``tests/support/op_probe.py``, which counts host reads
 (``aten._local_scalar_dense``), tensors built from host data (``aten.lift_fresh``: a
 blocking host-to-device copy on a GPU) and the other aten ops (each at most one kernel
 launch; view ops, which launch nothing, apart). The reference row is torch's
@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import distclip  # noqa: E402
-from tests.op_probe import StepCounts, probe  # noqa: E402
-from tests.reference import CLIPPING_OPTIONS  # noqa: E402
+from tests.support.methods import CLIPPING_OPTIONS  # noqa: E402
+from tests.support.op_probe import StepCounts, probe  # noqa: E402
 
 
 def _model(num_tensors: int, width: int = 16) -> torch.nn.Module:

@@ -1,31 +1,25 @@
-"""Fixtures of the DeepSpeed tests: one 2-rank process group per test module.
+"""The DeepSpeed suite's process group: two gloo ranks, started once for the whole package.
 
-Reuses the multi-process harness of ``tests/distributed`` (imported by name: the
-workers get this process's ``sys.path``). The group is started only by the tests that
-need it, and only when DeepSpeed is installed.
+Every engine test module of ``tests/deepspeed`` runs its configurations in the same
+long-lived group (DeepSpeed's import and its first ZeRO engine in each rank are the
+expensive part). It is started by the first test that needs it, only when DeepSpeed is
+installed, and its workers must exit cleanly after the package's last test.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE.parent / "distributed"), str(_HERE)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from harness import ProcessGroupHarness, running_group  # noqa: E402
+from tests.support.harness import ProcessGroupHarness, running_group
 
 #: Seconds one ``group.run`` of many DeepSpeed configurations may take.
 DS_TIMEOUT = 600.0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def ds_group() -> Iterator[ProcessGroupHarness]:
-    """Two gloo ranks for DeepSpeed, started once per test module; checks they exit cleanly."""
+    """Two gloo ranks for DeepSpeed, shared by the package; checks they exit cleanly."""
     pytest.importorskip("deepspeed")
     yield from running_group(2, timeout=DS_TIMEOUT, collective_timeout_s=900.0)

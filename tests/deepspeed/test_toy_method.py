@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import torch
-from ds_setup import make_spec, reference_train
-from harness import ProcessGroupHarness
 
 from distclip.clippers.registry import METHODS
+from tests.deepspeed.engines import make_spec, reference_train
+from tests.support.harness import ProcessGroupHarness
 
 pytestmark = pytest.mark.distributed
 
@@ -41,13 +41,13 @@ def toy() -> Iterator[ModuleType]:
     yield module
     METHODS.pop(module.NAME, None)
     sys.modules.pop("tests.toy_method", None)
-    sys.modules.pop("toy_workers", None)
+    sys.modules.pop("tests.deepspeed.toy_workers", None)
 
 
 @pytest.fixture(scope="module")
 def workers(toy: ModuleType) -> ModuleType:
     """The rank functions (their module imports the toy method in every rank)."""
-    return importlib.import_module("toy_workers")
+    return importlib.import_module("tests.deepspeed.toy_workers")
 
 
 def _spec(stage: int) -> dict[str, Any]:

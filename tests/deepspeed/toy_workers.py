@@ -7,17 +7,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ds_setup import LR, loss_fn, make_model, micro_batch
-from ds_workers import _full_fp32_params, _release, build_engine, setup, train_steps
 
 import distclip
 import tests.toy_method  # registers the method in this process  # noqa: F401
+from tests.deepspeed.engines import LR, build_engine, full_fp32_params, release, train_steps
+from tests.support.problem import DEEPSPEED, loss_fn
 
 
 def native_run(layout: str, spec: dict[str, Any]) -> dict[str, Any]:
     """``ClippedOptimizer(SGD, <toy>)`` on a DDP or FSDP2 model; the per-step stats."""
     rank = dist.get_rank()
-    model: torch.nn.Module = make_model()
+    model: torch.nn.Module = DEEPSPEED.model(0)
     if layout == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
     else:
@@ -29,7 +29,7 @@ def native_run(layout: str, spec: dict[str, Any]) -> dict[str, Any]:
     records: dict[str, list[float]] = {"total_norm": [], "threshold": [], "clip_coef": []}
     for step in range(spec["steps"]):
         optimizer.zero_grad(set_to_none=True)
-        x, y = micro_batch(step, rank, 0)
+        x, y = DEEPSPEED.micro_batch(step, rank, 0)
         loss_fn(model(x), y).backward()
         optimizer.step()
         stats = optimizer.last_clip.as_floats()  # type: ignore[attr-defined]
@@ -44,16 +44,15 @@ def native_run(layout: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def deepspeed_run(spec: dict[str, Any]) -> dict[str, Any]:
     """The toy method from the DeepSpeed config's ``"distclip"`` section (ZeRO as in ``spec``)."""
-    deepspeed = setup()
     try:
         engine = build_engine(spec)
         out = {
             "records": train_steps(engine, spec, range(spec["steps"])),
-            "params": _full_fp32_params(deepspeed, engine),
+            "params": full_fp32_params(engine),
             "hook_point": engine.distclip.hook_point,
             "method": engine.distclip.clipper.method,
         }
-        _release(engine)
+        release(engine)
         return out
     except Exception:
         return {"error": traceback.format_exc()}

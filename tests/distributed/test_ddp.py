@@ -6,8 +6,9 @@ compares:
 * the ranks with each other, bit for bit (norms, thresholds, coefficients, windows,
   parameters, optimizer and clipper state): DDP gives every rank the same averaged
   gradients, so distclip must make the same decision everywhere;
-* the ranks with ``ddp_reference`` (plain torch on the full batch, numpy quantile)
-  to 1e-6 relative for the per-step numbers and 1e-5 for the final parameters.
+* the ranks with the slow reference (``tests.support.reference``: plain torch on the
+  full batch, numpy quantile) to 1e-6 relative for the per-step numbers and 1e-5 for
+  the final parameters.
 """
 
 from __future__ import annotations
@@ -18,14 +19,19 @@ from typing import Any
 
 import pytest
 import torch
-import workers_ddp
-from ddp_reference import Reference, reference_train
-from ddp_setup import build_optimizer, full_batch, loss_fn, make_model, make_spec
-from harness import ProcessGroupHarness
+
+from tests.distributed import workers_ddp
+from tests.distributed.workers_ddp import build_optimizer, make_spec
+from tests.support.compare import assert_bitwise_equal, assert_ranks_identical, assert_rel_close
+from tests.support.harness import ProcessGroupHarness
+from tests.support.problem import DDP, loss_fn
+from tests.support.reference import Reference
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 24
+#: Per-step numbers against the reference (float32 runs, float64 reference).
+RTOL = 1e-6
 WINDOW = 8
 NAN_STEP = 10
 AUTOCLIP = {"q": 0.3, "window": WINDOW}
@@ -84,52 +90,6 @@ def _nan_spec(name: str, nan_steps: dict[int, tuple[int, ...]], **clip: Any) -> 
 
 
 # ------------------------------------------------------------------------------ helpers
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a tensor (NaN payloads included) as an integer tensor."""
-    tensor = tensor.detach().contiguous()
-    if tensor.is_floating_point():
-        return tensor.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[tensor.element_size()])
-    return tensor
-
-
-def assert_bitwise_equal(a: Any, b: Any, path: str = "") -> None:
-    """Nested dicts/lists of tensors and plain values are identical, bit for bit."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        assert isinstance(a, torch.Tensor), f"{path}: {type(a).__name__} vs a tensor"
-        assert isinstance(b, torch.Tensor), f"{path}: a tensor vs {type(b).__name__}"
-        assert (a.dtype, a.shape) == (b.dtype, b.shape), (
-            f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        )
-        assert torch.equal(_bits(a), _bits(b)), f"{path}: values differ:\n{a}\n{b}"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict), f"{path}: dict vs {type(b).__name__}"
-        assert a.keys() == b.keys(), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
-        for key in a:
-            assert_bitwise_equal(a[key], b[key], f"{path}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)), f"{path}: sequence vs {type(b).__name__}"
-        assert len(a) == len(b), f"{path}: length {len(a)} vs {len(b)}"
-        for index, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_bitwise_equal(x, y, f"{path}[{index}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float), f"{path}: nan vs {b!r}"
-        assert math.isnan(b), f"{path}: nan vs {b!r}"
-    else:
-        assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
-def assert_ranks_identical(results: list[dict[str, Any]]) -> None:
-    """Every rank's result equals rank 0's bit for bit."""
-    for rank, result in enumerate(results[1:], start=1):
-        assert_bitwise_equal(results[0], result, f"rank {rank} vs rank 0")
-
-
-def assert_rel_close(actual: Any, expected: Any, what: str, rtol: float = 1e-6) -> None:
-    actual = torch.as_tensor(actual, dtype=torch.float64)
-    expected = torch.as_tensor(expected, dtype=torch.float64)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=0.0, msg=lambda m: f"{what}: {m}")
-
-
 def assert_matches_reference(result: dict[str, Any], ref: Reference, spec: dict[str, Any]) -> None:
     """One rank's run equals the reference run, step by step, and ends in the same state."""
     records = result["records"]
@@ -139,17 +99,19 @@ def assert_matches_reference(result: dict[str, Any], ref: Reference, spec: dict[
     for name in ("total_norm", "threshold", "clip_coef"):
         expected = getattr(ref, name)
         assert_rel_close(
-            records[name][finite], [expected[i] for i in finite], f"{name} of finite steps"
+            records[name][finite], [expected[i] for i in finite], f"{name} of finite steps", RTOL
         )
     for i, was_skipped in enumerate(skipped):
         if was_skipped:
             assert not torch.isfinite(records["total_norm"][i]), f"step {i}: norm"
             assert float(records["clip_coef"][i]) == 1.0, f"step {i}: coef"
             # The threshold of a skipped step comes from the window it left untouched.
-            assert_rel_close(records["threshold"][i], ref.threshold[i], f"step {i}: threshold")
+            assert_rel_close(
+                records["threshold"][i], ref.threshold[i], f"step {i}: threshold", RTOL
+            )
     assert result["step_numbers"] == list(range(1, spec["steps"] + 1))
     if spec["method"] == "autoclip":
-        assert_rel_close(result["window"], ref.window, "window (oldest first)")
+        assert_rel_close(result["window"], ref.window, "window (oldest first)", RTOL)
         assert int(result["window_num_seen"]) == ref.skipped.count(False)
     torch.testing.assert_close(result["params"], ref.params, rtol=1e-5, atol=1e-5)
     assert int(result["num_skipped"]) == ref.skipped.count(True)
@@ -160,13 +122,13 @@ def assert_matches_reference(result: dict[str, Any], ref: Reference, spec: dict[
 def _resume_in_this_process(spec: dict[str, Any], path: Path, stop_at: int) -> dict[str, Any]:
     """Load a rank's checkpoint here (no process group) and train on the full batch."""
     checkpoint = torch.load(path, weights_only=True)
-    model = make_model(seed=12345)
+    model = DDP.model(12345)
     model.load_state_dict(checkpoint["model"])
     optimizer, clipper = build_optimizer(spec, model.parameters())
     optimizer.load_state_dict(checkpoint["optimizer"])
     out: dict[str, Any] = {"total_norm": [], "threshold": [], "clip_coef": []}
     for step in range(stop_at, spec["steps"]):
-        x, y = full_batch(step)
+        x, y = DDP.full_batch(step)
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         optimizer.step()
@@ -183,7 +145,7 @@ def test_ddp_matches_reference(group2: ProcessGroupHarness, name: str) -> None:
     """Both ranks clip identically (bitwise) and as the 1-process reference does."""
     spec = SPECS[name]
     results = group2.run(workers_ddp.train, spec)
-    ref = reference_train(spec)
+    ref = workers_ddp.reference(spec)
 
     assert_ranks_identical(results)
     result = results[0]
@@ -227,7 +189,7 @@ def test_nonfinite_step_skipped_on_every_rank(group2: ProcessGroupHarness, name:
     """
     spec = _nan_spec(name, {NAN_STEP: (1,)})
     results = group2.run(workers_ddp.train, spec)
-    ref = reference_train(spec)
+    ref = workers_ddp.reference(spec)
     assert ref.skipped == [step == NAN_STEP for step in range(STEPS)]
 
     assert_ranks_identical(results)
@@ -276,7 +238,7 @@ def test_nonfinite_first_step_skipped(group2: ProcessGroupHarness, name: str) ->
     """
     spec = _nan_spec(name, {0: (0,)})
     results = group2.run(workers_ddp.train, spec)
-    ref = reference_train(spec)
+    ref = workers_ddp.reference(spec)
     assert ref.skipped == [step == 0 for step in range(STEPS)]
     # No finite norm seen yet: no threshold (or the max_norm cap).
     assert ref.threshold[0] == spec["clip"].get("max_norm", math.inf)
@@ -303,7 +265,7 @@ def test_nonfinite_error_raises_on_every_rank(group2: ProcessGroupHarness, name:
     """``nonfinite="error"``: both ranks raise at the NaN step, having modified nothing."""
     spec = _nan_spec(name, {NAN_STEP: (1,)}, nonfinite="error")
     results = group2.run(workers_ddp.train_expecting_error, spec)
-    ref = reference_train(spec)
+    ref = workers_ddp.reference(spec)
 
     assert_ranks_identical(results)
     for result in results:
@@ -318,15 +280,7 @@ def test_nonfinite_error_raises_on_every_rank(group2: ProcessGroupHarness, name:
 
         # The loop went on after catching the error: it equals the reference with the
         # step dropped (the clipper never counted it).
-        kept = [i for i in range(STEPS) if i != NAN_STEP]
-        filtered = Reference(
-            total_norm=[ref.total_norm[i] for i in kept],
-            threshold=[ref.threshold[i] for i in kept],
-            clip_coef=[ref.clip_coef[i] for i in kept],
-            skipped=[ref.skipped[i] for i in kept],
-            window=ref.window,
-            params=ref.params,
-        )
+        filtered = ref.without(NAN_STEP)
         assert_matches_reference(result, filtered, {**spec, "steps": STEPS - 1})
         assert int(result["num_skipped"]) == 0
 
@@ -335,7 +289,7 @@ def test_consistency_check(group2: ProcessGroupHarness) -> None:
     """``check_every=1`` passes on an honest run; a window corrupted on rank 1 is named."""
     spec = make_spec("SGD", SGD_MOMENTUM, clip={**AUTOCLIP, "check_every": 1})
     results = group2.run(workers_ddp.consistency, spec)
-    ref = reference_train(spec)
+    ref = workers_ddp.reference(spec)
 
     assert STEPS % WINDOW == 0  # the worker's corruption relies on it
     assert_ranks_identical(results)
@@ -363,7 +317,7 @@ def test_checkpoint_resume(group2: ProcessGroupHarness, tmp_path: Path, name: st
     spec = SPECS[name]
     stop_at = 13
     results = group2.run(workers_ddp.checkpoint_resume, spec, stop_at, str(tmp_path))
-    ref = reference_train(spec)
+    ref = workers_ddp.reference(spec)
 
     assert_ranks_identical(results)
     for result in results:
@@ -386,8 +340,10 @@ def test_checkpoint_resume(group2: ProcessGroupHarness, tmp_path: Path, name: st
     single = _resume_in_this_process(spec, tmp_path / "rank0.pt", stop_at)
     full = results[0]["full"]
     for field in ("total_norm", "threshold", "clip_coef"):
-        assert_rel_close(single[field], full["records"][field][stop_at:], f"1-process {field}")
-    assert_rel_close(single["window"], full["window"], "1-process window")
+        assert_rel_close(
+            single[field], full["records"][field][stop_at:], f"1-process {field}", RTOL
+        )
+    assert_rel_close(single["window"], full["window"], "1-process window", RTOL)
     torch.testing.assert_close(single["params"], full["params"], rtol=1e-5, atol=1e-5)
 
 
@@ -401,7 +357,7 @@ def test_dcp_resume(group2: ProcessGroupHarness, tmp_path: Path, name: str) -> N
     spec = SPECS[name]
     stop_at = 13
     results = group2.run(workers_ddp.dcp_resume, spec, stop_at, str(tmp_path))
-    ref = reference_train(spec)
+    ref = workers_ddp.reference(spec)
 
     assert_ranks_identical(results)
     for result in results:

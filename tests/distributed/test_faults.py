@@ -2,7 +2,7 @@
 
 Every check compares numbers: parameters, optimizer state and the window bit for bit
 across a skipped step and across ranks; thresholds and parameters against a
-single-process reference (``faults_reference``) that never saw the faulty step;
+single-process reference (``tests.support.reference``) that never saw the faulty step;
 norms against float64 numpy.
 """
 
@@ -13,12 +13,16 @@ from typing import Any
 
 import pytest
 import torch
-import workers_faults
-from faults_reference import RefRun, reference_run
-from harness import ProcessGroupHarness, WorkerError
+
+from tests.distributed import workers_faults
+from tests.support import problem
+from tests.support.harness import ProcessGroupHarness, WorkerError
+from tests.support.reference import Reference, SlowAutoClip, reference_train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
+#: The layouts of ``tests.support.layouts`` the fault runs use.
+LAYOUTS = ("ddp", "fsdp2")
 STEPS = 14
 Q = 0.3
 WINDOW = 6
@@ -29,7 +33,18 @@ def _spec(layout: str, **options: Any) -> dict[str, Any]:
     return {"layout": layout, "steps": STEPS, "q": Q, "window": WINDOW, **options}
 
 
-def _assert_matches_reference(per_rank: list[dict[str, Any]], ref: RefRun, rtol: float) -> None:
+def reference_run(steps: int, **options: Any) -> Reference:
+    """AutoClip (q=0.3, window=6) + SGD with momentum 0.9 on the ``FAULTS`` problem."""
+    return reference_train(
+        problem.FAULTS,
+        steps=steps,
+        options={"q": Q, "window": WINDOW},
+        optimizer_kwargs={"lr": 0.05, "momentum": 0.9},
+        **options,
+    )
+
+
+def _assert_matches_reference(per_rank: list[dict[str, Any]], ref: Reference, rtol: float) -> None:
     """Every rank's thresholds, norms, window and parameters equal the reference's."""
     for out in per_rank:
         assert out["steps"] == ref.steps
@@ -63,7 +78,7 @@ def test_nonfinite_in_one_element_skips_on_every_rank(
     layout, optimizer, rank, param, value = FAULTS[case]
     fault = {"step": FAULT_STEP, "rank": rank, "param": param, "value": value}
     per_rank = group2.run(workers_faults.train, _spec(layout, optimizer=optimizer, fault=fault))
-    reference = reference_run(steps=STEPS, q=Q, window=WINDOW, omit=[FAULT_STEP])
+    reference = reference_run(STEPS, omit=[FAULT_STEP])
     for out in per_rank:
         before, after = out["before"], out["after"]
         # Nothing changed on the skipped step: parameters, optimizer state, window.
@@ -168,7 +183,7 @@ def test_bf16_gradients_accumulate_in_float32(group2: ProcessGroupHarness) -> No
 
 
 # ---------------------------------------------------------------- accumulation
-@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradient_accumulation_one_window_entry_per_step(
     group2: ProcessGroupHarness, layout: str
 ) -> None:
@@ -177,7 +192,7 @@ def test_gradient_accumulation_one_window_entry_per_step(
     for out in per_rank:
         assert out["num_steps"] == STEPS
         assert len(out["window"]) == WINDOW
-    _assert_matches_reference(per_rank, reference_run(steps=STEPS, q=Q, window=WINDOW), 2e-6)
+    _assert_matches_reference(per_rank, reference_run(STEPS), 2e-6)
 
 
 # ---------------------------------------------------------------- edge layouts
@@ -195,9 +210,7 @@ def test_edge_layouts(group2: ProcessGroupHarness, case: str) -> None:
     options = dict(EDGES[case])
     per_rank = group2.run(workers_faults.train, _spec(options.pop("layout"), **options))
     reference = reference_run(
-        steps=STEPS,
-        q=Q,
-        window=WINDOW,
+        STEPS,
         frozen=options.get("frozen", ()),
         side_every=options.get("side_every", 0),
     )
@@ -209,11 +222,9 @@ def test_a_rank_without_any_gradient_still_joins(group2: ProcessGroupHarness) ->
     rank0, rank1 = group2.run(workers_faults.rank_without_grads, 6)
     assert rank1["grads_none"]
     assert not rank0["grads_none"]
-    history: list[float] = []
+    slow = SlowAutoClip(q=0.5, window=3)
     for step, exact in enumerate(rank0["local_norm"]):
-        history.append(exact)
-        del history[:-3]
-        tau = float(torch.tensor(history, dtype=torch.float64).quantile(0.5))
+        tau = slow.threshold(exact)
         for out in (rank0, rank1):
             assert math.isclose(out["stats"][step]["total_norm"], exact, rel_tol=1e-6)
             assert math.isclose(out["stats"][step]["threshold"], tau, rel_tol=1e-6)
@@ -240,7 +251,7 @@ def test_group_still_usable_after_the_faults(group2: ProcessGroupHarness) -> Non
         per_rank = group2.run(workers_faults.train, _spec("ddp", steps=4))
     except WorkerError as error:  # pragma: no cover - reported with context
         pytest.fail(f"the group did not survive the faults: {error}")
-    _assert_matches_reference(per_rank, reference_run(steps=4, q=Q, window=WINDOW), 2e-6)
+    _assert_matches_reference(per_rank, reference_run(4), 2e-6)
 
 
 def test_sharded_grad_scaler_skips_together_under_fsdp2(group2: ProcessGroupHarness) -> None:

@@ -6,11 +6,10 @@ import time
 
 import pytest
 import torch
-import workers_ddp
-import workers_harness
-from ddp_reference import reference_train
-from ddp_setup import make_spec
-from harness import GroupTimeoutError, ProcessGroupHarness, WorkerError
+
+from tests.distributed import workers_ddp, workers_harness
+from tests.distributed.workers_ddp import make_spec
+from tests.support.harness import GroupTimeoutError, ProcessGroupHarness, WorkerError
 
 pytestmark = pytest.mark.distributed
 
@@ -59,7 +58,7 @@ def test_clean_exit_after_ddp_training(group2: ProcessGroupHarness) -> None:
     assert group2.close() == [0, 0]
     assert group2.exitcodes == [0, 0]
     assert not group2.running
-    ref = reference_train(spec)
+    ref = workers_ddp.reference(spec)
     for result in results:
         torch.testing.assert_close(
             result["records"]["threshold"].double(),

@@ -1,6 +1,6 @@
 """distclip on sharded layouts with 2 gloo ranks on CPU, against a 1-process reference.
 
-Layouts (see ``layouts_build``): FSDP1 (FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, each
+Layouts (see ``tests.support.layouts``): DDP, FSDP1 (FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, each
 with ``use_orig_params`` on and off; a submodule FSDP ignores; empty local shards),
 FSDP2 (per layer + root: uneven and empty shards; 2-norm and inf-norm), tensor
 parallel, and two pipeline stages holding a tied weight. Each run trains 24 steps of
@@ -19,11 +19,20 @@ import math
 from typing import Any
 
 import pytest
-import workers_layouts
-from harness import ProcessGroupHarness
-from layouts_asserts import assert_rel_close, check_collectives, check_run
-from layouts_reference import norm_of, reference_grads
-from layouts_setup import STAGE_PARAMS, make_spec
+
+from tests.distributed import workers_layouts
+from tests.distributed.layouts_asserts import (
+    assert_rel_close,
+    cached_runner,
+    check_collectives,
+    check_run,
+)
+from tests.distributed.workers_layouts import make_spec
+from tests.support import layouts
+from tests.support.harness import ProcessGroupHarness
+from tests.support.layouts import STAGE_PARAMS
+from tests.support.problem import LAYOUTS
+from tests.support.reference import norm_of, reference_grads
 
 pytestmark = pytest.mark.distributed
 
@@ -34,6 +43,8 @@ def _fsdp1(sharding: str, use_orig_params: bool, **options: Any) -> dict[str, An
 
 #: name: (spec, all-reduces per step).
 SPECS: dict[str, tuple[dict[str, Any], int]] = {
+    # DDP already averaged the gradients: nothing to reduce.
+    "ddp": (make_spec("ddp", momentum=0.9), 0),
     "fsdp1-full-orig": (_fsdp1("FULL_SHARD", True, momentum=0.9, foreach=True), 1),
     "fsdp1-full-flat": (_fsdp1("FULL_SHARD", False, integration="attach"), 1),
     "fsdp1-gradop-orig": (_fsdp1("SHARD_GRAD_OP", True, integration="attach"), 1),
@@ -57,14 +68,16 @@ SPECS: dict[str, tuple[dict[str, Any], int]] = {
     ),
 }
 
-_RESULTS: dict[str, list[dict[str, Any]]] = {}
+run_spec = cached_runner(SPECS)
 
 
-def run_spec(group: ProcessGroupHarness, name: str) -> list[dict[str, Any]]:
-    """The per-rank results of ``SPECS[name]`` (run once per module, then cached)."""
-    if name not in _RESULTS:
-        _RESULTS[name] = group.run(workers_layouts.train, SPECS[name][0])
-    return _RESULTS[name]
+def test_every_registered_layout_is_run() -> None:
+    """Each builder of ``tests.support.layouts`` trains here or in the 4-rank module
+    (``single``, the 1-process layout, in the method and reliability suites)."""
+    from tests.distributed.test_layouts_4ranks import SPECS as SPECS_4RANKS
+
+    run = {spec["layout"] for spec, _ in (*SPECS.values(), *SPECS_4RANKS.values())}
+    assert run | {"single"} == set(layouts.LAYOUTS)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -134,7 +147,7 @@ def test_fsdp2_inf_norm_on_empty_shards(group2: ProcessGroupHarness) -> None:
     rank 0 would go on into a collective and hang. torch's 2-norm works.
     """
     results = group2.run(workers_layouts.torch_inf_norm_on_empty_shards, make_spec("fsdp2"))
-    grads = reference_grads("mlp", 0)
+    grads = reference_grads(LAYOUTS, 0)
     assert results[0]["empty"] == []
     assert set(results[1]["empty"]) == {"out.weight", "out.bias"}
     assert results[0]["torch_error_inf"] is None
@@ -185,7 +198,7 @@ def test_pipeline_without_pipeline_groups_is_caught(group2: ProcessGroupHarness)
     """Forgetting ``pipeline_groups``: each stage sees only its own norm; the first step's
     consistency check raises ``RankDesyncError`` on both ranks."""
     spec = make_spec("pipeline", shared="mark_shared")
-    grads = reference_grads("tied", 0)
+    grads = reference_grads(LAYOUTS, 0, kind="tied")
     results = group2.run(workers_layouts.forgot_pipeline_groups, spec)
     for stage, result in enumerate(results):
         assert result["error"] is not None

@@ -1,6 +1,6 @@
 """distclip on 2x2 layouts with 4 gloo ranks on CPU, against a 1-process reference.
 
-Layouts (see ``layouts_build``): FSDP1 HYBRID_SHARD on an explicit
+Layouts (see ``tests.support.layouts``): FSDP1 HYBRID_SHARD on an explicit
 ``("replicate", "shard")`` mesh; FSDP2 over 4 ranks (a rank with empty shards of
 ``fc3``); HSDP with FSDP2; tensor parallel over 4 ranks; FSDP2 + TP on a
 ``("dp", "tp")`` mesh with ``fc3``/``out`` only on the dp sub-mesh; two pipeline
@@ -17,11 +17,13 @@ import math
 from typing import Any
 
 import pytest
-import workers_layouts
-from harness import ProcessGroupHarness
-from layouts_asserts import assert_rel_close, check_run
-from layouts_reference import norm_of, reference_grads
-from layouts_setup import make_spec
+
+from tests.distributed import workers_layouts
+from tests.distributed.layouts_asserts import assert_rel_close, cached_runner, check_run
+from tests.distributed.workers_layouts import make_spec
+from tests.support.harness import ProcessGroupHarness
+from tests.support.problem import LAYOUTS
+from tests.support.reference import norm_of, reference_grads
 
 pytestmark = pytest.mark.distributed
 
@@ -54,14 +56,7 @@ SPECS: dict[str, tuple[dict[str, Any], int]] = {
     ),
 }
 
-_RESULTS: dict[str, list[dict[str, Any]]] = {}
-
-
-def run_spec(group: ProcessGroupHarness, name: str) -> list[dict[str, Any]]:
-    """The per-rank results of ``SPECS[name]`` (run once per module, then cached)."""
-    if name not in _RESULTS:
-        _RESULTS[name] = group.run(workers_layouts.train, SPECS[name][0])
-    return _RESULTS[name]
+run_spec = cached_runner(SPECS)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -106,7 +101,7 @@ def test_data_and_counting_split(group4: ProcessGroupHarness) -> None:
 def test_torch_clip_fails_on_2d_mesh(group4: ProcessGroupHarness) -> None:
     """torch's ``clip_grad_norm_`` cannot stack norms of DTensors on two meshes; distclip can."""
     results = group4.run(workers_layouts.torch_clip_on_2d_mesh, make_spec("fsdp2_tp"))
-    expected = norm_of(reference_grads("mlp", 0).values(), 2.0)
+    expected = norm_of(reference_grads(LAYOUTS, 0).values(), 2.0)
     for result in results:
         assert result["meshes"] == ["('dp', 'tp')", "('dp',)"]
         assert "must have the same mesh" in result["torch_error"], result["torch_error"]
@@ -116,7 +111,7 @@ def test_torch_clip_fails_on_2d_mesh(group4: ProcessGroupHarness) -> None:
 def test_torch_inf_norm_on_empty_shards(group4: ProcessGroupHarness) -> None:
     """FSDP2 over 4 ranks: torch's inf-norm raises on every rank holding an empty shard."""
     results = group4.run(workers_layouts.torch_inf_norm_on_empty_shards, make_spec("fsdp2"))
-    grads = reference_grads("mlp", 0)
+    grads = reference_grads(LAYOUTS, 0)
     assert [r["torch_error_inf"] is None for r in results] == [True, False, False, False]
     for result in results[1:]:
         assert "empty tensor" in result["torch_error_inf"]
@@ -134,7 +129,7 @@ def test_fsdp2_pipeline_without_pipeline_groups_is_caught(group4: ProcessGroupHa
     own norm and the first-step check raises.
     """
     spec = make_spec("pipeline", shared="mark_shared")
-    expected = norm_of(reference_grads("tied", 0).values(), 2.0)
+    expected = norm_of(reference_grads(LAYOUTS, 0, kind="tied").values(), 2.0)
     for result in group4.run(workers_layouts.forgot_pipeline_groups, spec):
         caught = result["error"] is not None and result["error"].startswith("RankDesyncError")
         assert caught or math.isclose(result["norm"], expected, rel_tol=1e-5), result

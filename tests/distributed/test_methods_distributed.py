@@ -1,7 +1,7 @@
 """Every clipping method under DDP and FSDP2 (2 gloo ranks) against the single-process run.
 
 One process group for the module (the ``group2`` fixture); each layout trains every
-configuration of ``methods_setup.CONFIGS`` (every name of
+configuration of ``workers_methods.CONFIGS`` (every name of
 ``distclip.available_methods()``, aliases included, plus a few variants) in one call.
 For each configuration and layout the tests check:
 
@@ -15,37 +15,38 @@ For each configuration and layout the tests check:
 * the NaN step of the data is skipped on every rank and in one process alike;
 * the method really clipped in the run (so the comparison is not vacuous).
 
-Besides: AutoClip, ZClip and AGC under DDP against the slow references of
-``tests/reference.py`` on float64 full-batch gradients, and a state_dict round trip of
+Besides: AutoClip, ZClip and AGC under DDP against the slow reference clipper
+(``tests.support.reference``) on float64 full-batch gradients, and a state_dict round trip of
 the stateful methods under DDP that must resume bit for bit.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-import workers_methods
-from harness import ProcessGroupHarness
-from methods_setup import (
-    CONFIGS,
-    NAN_STEP,
-    STEPS,
-    full_batch,
-    loss_fn,
-    make_model,
-    optimizer_class,
-    single_process_run,
-)
 
 import distclip
-from distclip.clippers import AGC, AutoClip, StochasticClip, ValueClip, ZClip
-from tests.reference import EPS, SlowAutoClip, SlowZClip, agc_reference, norm_of
+from tests.distributed import workers_methods
+from tests.distributed.workers_methods import CONFIGS, NAN_STEP, STEPS, single_process_run
+from tests.support.compare import assert_bitwise_equal, assert_rel_close
+from tests.support.harness import ProcessGroupHarness
+from tests.support.methods import KINDS, LINEAR_STOCHASTIC, WINDOWED, kind_of
+from tests.support.problem import METHODS, loss_fn
+from tests.support.reference import (
+    EPS,
+    agc_min_factor,
+    agc_reference,
+    norm_of,
+    slow_clipper,
+)
 
 pytestmark = pytest.mark.distributed
 
+#: The layouts of ``tests.support.layouts`` every configuration trains on.
 LAYOUTS = ("ddp", "fsdp2")
 #: Configurations checked against the slow references under DDP.
 REFERENCE_CONFIGS = ("autoclip", "auto_clip", "zclip", "zclip-mean-maxnorm", "agc", "agc-eps")
@@ -92,8 +93,13 @@ FSDP2_LOCAL_SHAPES = (
 )
 
 
-def _clipper_cls(config_id: str) -> type[distclip.Clipper]:
-    return distclip.clippers.resolve_method(CONFIGS[config_id][0]).clipper_cls
+def _method(config_id: str) -> str:
+    return CONFIGS[config_id][0]
+
+
+def _close(actual: Any, expected: Any, what: str, rtol: float) -> None:
+    """Equal to ``rtol``; infinities (no threshold) and NaNs (the skipped step) in place."""
+    assert_rel_close(actual, expected, what, rtol, equal_nan=True)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -104,13 +110,21 @@ def single() -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(group2: ProcessGroupHarness) -> list[dict[str, Any]]:
-    return group2.run(workers_methods.train_all, "ddp", list(CONFIGS), STEPS)
+def layout_runs(group2: ProcessGroupHarness) -> Callable[[str], list[dict[str, Any]]]:
+    """``runs(layout)``: every configuration trained on ``layout``, once per module."""
+    cache: dict[str, list[dict[str, Any]]] = {}
+
+    def runs(layout: str) -> list[dict[str, Any]]:
+        if layout not in cache:
+            cache[layout] = group2.run(workers_methods.train_all, layout, list(CONFIGS), STEPS)
+        return cache[layout]
+
+    return runs
 
 
 @pytest.fixture(scope="module")
-def fsdp2_runs(group2: ProcessGroupHarness) -> list[dict[str, Any]]:
-    return group2.run(workers_methods.train_all, "fsdp2", list(CONFIGS), STEPS)
+def ddp_runs(layout_runs: Callable[[str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return layout_runs("ddp")
 
 
 @pytest.fixture(scope="module")
@@ -128,46 +142,6 @@ def per_rank(results: list[dict[str, Any]], config_id: str) -> list[dict[str, An
     return out
 
 
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.detach().contiguous()
-    if tensor.is_floating_point():
-        return tensor.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[tensor.element_size()])
-    return tensor
-
-
-def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert (a.dtype, a.shape) == (b.dtype, b.shape), (
-        f"{what}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
-    )
-    assert torch.equal(_bits(a), _bits(b)), f"{what} differ bit for bit:\n{a}\n{b}"
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest ``|a - e| / |e|`` over the entries where ``expected`` is finite and nonzero."""
-    actual, expected = actual.double(), expected.double()
-    keep = torch.isfinite(expected) & (expected != 0)
-    if not bool(keep.any()):
-        return 0.0
-    return float(((actual[keep] - expected[keep]).abs() / expected[keep].abs()).max())
-
-
-def assert_rel_close(actual: Any, expected: Any, what: str, rtol: float) -> None:
-    """Equal to ``rtol`` relative; infinities (no threshold) and NaNs in the same places."""
-    actual = torch.as_tensor(actual, dtype=torch.float64)
-    expected = torch.as_tensor(expected, dtype=torch.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
-    special = ~torch.isfinite(expected)
-    assert torch.equal(~torch.isfinite(actual), special), (
-        f"{what}: non-finite entries differ:\n{actual}\n{expected}"
-    )
-    torch.testing.assert_close(
-        actual[special], expected[special], equal_nan=True, msg=lambda m: f"{what}: {m}"
-    )
-    torch.testing.assert_close(
-        actual[~special], expected[~special], rtol=rtol, atol=0.0, msg=lambda m: f"{what}: {m}"
-    )
-
-
 def merged_grads(ranks: list[dict[str, Any]], layout: str) -> list[dict[str, torch.Tensor]]:
     """Per step, the whole clipped gradients: DDP's (identical on every rank, checked) or
     FSDP2's ``Shard(0)`` shards concatenated in rank order."""
@@ -175,7 +149,7 @@ def merged_grads(ranks: list[dict[str, Any]], layout: str) -> list[dict[str, tor
         for rank, result in enumerate(ranks[1:], start=1):
             for step, (a, b) in enumerate(zip(ranks[0]["grads"], result["grads"], strict=True)):
                 for name in a:
-                    assert_bits_equal(b[name], a[name], f"step {step} grad {name} rank {rank}")
+                    assert_bitwise_equal(b[name], a[name], f"step {step} grad {name} rank {rank}")
         return ranks[0]["grads"]
     return [
         {
@@ -192,13 +166,13 @@ def assert_ranks_identical(ranks: list[dict[str, Any]], *, rank_local_coef: bool
     fields = [f for f in STATS if not (rank_local_coef and f == "clip_coef")]
     for rank, result in enumerate(ranks[1:], start=1):
         for field in fields:
-            assert_bits_equal(result[field], first[field], f"{field} of rank {rank} vs rank 0")
-        assert_bits_equal(result["checksum"], first["checksum"], f"state_checksum rank {rank}")
+            assert_bitwise_equal(result[field], first[field], f"{field} of rank {rank} vs rank 0")
+        assert_bitwise_equal(result["checksum"], first["checksum"], f"state_checksum rank {rank}")
         assert result["step"] == first["step"]
         assert result["num_clipped"] == first["num_clipped"]
         assert result["class_name"] == first["class_name"]
         for name, value in first["params"].items():
-            assert_bits_equal(result["params"][name], value, f"final {name} rank {rank}")
+            assert_bitwise_equal(result["params"][name], value, f"final {name} rank {rank}")
 
 
 def assert_method_clipped(
@@ -213,11 +187,10 @@ def assert_method_clipped(
     ``grads`` the clipped gradients of a run; ``max_abs`` in ``record`` is the largest
     gradient element before clipping.
     """
-    cls = _clipper_cls(config_id)
-    options = CONFIGS[config_id][1]
+    method, options = CONFIGS[config_id]
     live = [step for step in range(STEPS) if step != NAN_STEP]
     assert coefs[NAN_STEP] == 1
-    if issubclass(cls, ValueClip):
+    if kind_of(method) == "elementwise":
         bound = float(torch.tensor(options["clip_value"], dtype=torch.float32))
         exceeded = {step: record["max_abs"][step] > bound for step in live}
         assert sum(exceeded.values()) >= STEPS // 2, (
@@ -236,7 +209,7 @@ def assert_method_clipped(
     untouched = int((coefs[live] == 1).sum())
     assert clipped >= 3, f"{config_id}: too few clipped steps: {coefs}"
     assert untouched >= 1, f"{config_id}: no step left unclipped: {coefs}"
-    if issubclass(cls, StochasticClip):
+    if method in LINEAR_STOCHASTIC:
         norm, level = record["total_norm"].double(), record["threshold"].double()
         # The draw declined some clear excess (and accepted others, with c = level / n).
         declined = (norm > 1.01 * level) & (coefs == 1)
@@ -247,14 +220,13 @@ def assert_method_clipped(
 
 def check_against_single(
     ranks: list[dict[str, Any]], single_run: dict[str, Any], config_id: str, layout: str
-) -> dict[str, float]:
-    """The whole comparison of one configuration on one layout; returns the largest
-    errors against the single-process run (relative for the per-step numbers,
-    absolute for gradients and parameters)."""
-    rank_local_coef = layout == "fsdp2" and issubclass(_clipper_cls(config_id), AGC)
+) -> None:
+    """The whole comparison of one configuration on one layout with the single-process run."""
+    agc = _method(config_id) == "agc"
+    rank_local_coef = layout == "fsdp2" and agc
     assert_ranks_identical(ranks, rank_local_coef=rank_local_coef)
     first = ranks[0]
-    assert first["class_name"] == optimizer_class(config_id).__name__
+    assert first["class_name"] == workers_methods.optimizer_class(config_id).__name__
     assert first["num_steps"] == STEPS
     assert first["step"] == list(range(1, STEPS + 1)) == single_run["step"]
     # The NaN step is skipped everywhere: nothing else, and no parameter moves.
@@ -264,7 +236,7 @@ def check_against_single(
     for result in ranks:
         before, after = result["params_before"][NAN_STEP : NAN_STEP + 2]
         for name, value in before.items():
-            assert_bits_equal(after[name], value, f"{name} across the skipped step")
+            assert_bitwise_equal(after[name], value, f"{name} across the skipped step")
     if layout == "fsdp2":
         for rank, result in enumerate(ranks):
             assert result["local_shapes"] == FSDP2_LOCAL_SHAPES[rank]
@@ -273,15 +245,10 @@ def check_against_single(
     else:
         coefs = first["clip_coef"]
 
-    errors = {
-        "total_norm": relative_error(first["total_norm"], single_run["total_norm"]),
-        "threshold": relative_error(first["threshold"], single_run["threshold"]),
-        "clip_coef": relative_error(coefs, single_run["clip_coef"]),
-    }
-    coef_rtol = AGC_COEF_RTOL if issubclass(_clipper_cls(config_id), AGC) else RTOL
-    assert_rel_close(first["total_norm"], single_run["total_norm"], "total_norm", RTOL)
-    assert_rel_close(first["threshold"], single_run["threshold"], "threshold", RTOL)
-    assert_rel_close(coefs, single_run["clip_coef"], "clip_coef", coef_rtol)
+    coef_rtol = AGC_COEF_RTOL if agc else RTOL
+    _close(first["total_norm"], single_run["total_norm"], "total_norm", RTOL)
+    _close(first["threshold"], single_run["threshold"], "threshold", RTOL)
+    _close(coefs, single_run["clip_coef"], "clip_coef", coef_rtol)
     grads = merged_grads(ranks, layout)
     for step, (got, expected) in enumerate(zip(grads, single_run["grads"], strict=True)):
         for name, value in expected.items():
@@ -301,15 +268,6 @@ def check_against_single(
             atol=1e-5,
             msg=lambda m, n=name: f"final {n}: {m}",
         )
-    errors["grads_abs"] = max(
-        float((grads[step][n] - value).abs().max()) if value.numel() else 0.0
-        for step, expected in enumerate(single_run["grads"])
-        if step != NAN_STEP
-        for n, value in expected.items()
-    )
-    errors["params_abs"] = max(
-        float((first["params"][n] - v).abs().max()) for n, v in single_run["params"].items()
-    )
     assert first["num_clipped"] == single_run["num_clipped"]
     # The counters (steps, skipped, clipped) are the same as in one process.
     assert torch.equal(first["checksum"][:3], single_run["checksum"][:3])
@@ -317,60 +275,39 @@ def check_against_single(
     max_abs = [max(values) for values in zip(*(r["max_abs"] for r in ranks), strict=True)]
     # (NaN at the skipped step, which the check leaves out.)
     assert_method_clipped(config_id, {**first, "max_abs": max_abs}, coefs, grads)
-    return errors
 
 
 # ------------------------------------------------------------------------------ tests
 def test_every_method_has_a_configuration() -> None:
     assert {method for method, _ in CONFIGS.values()} == set(distclip.available_methods())
+    assert set(KINDS) == set(distclip.available_methods())
 
 
 @pytest.mark.parametrize("config_id", list(CONFIGS))
-def test_ddp_matches_single_process(
-    ddp_runs: list[dict[str, Any]], single: dict[str, dict[str, Any]], config_id: str
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_single_process(
+    layout_runs: Callable[[str], list[dict[str, Any]]],
+    single: dict[str, dict[str, Any]],
+    layout: str,
+    config_id: str,
 ) -> None:
-    check_against_single(per_rank(ddp_runs, config_id), single[config_id], config_id, "ddp")
-
-
-@pytest.mark.parametrize("config_id", list(CONFIGS))
-def test_fsdp2_matches_single_process(
-    fsdp2_runs: list[dict[str, Any]], single: dict[str, dict[str, Any]], config_id: str
-) -> None:
-    check_against_single(per_rank(fsdp2_runs, config_id), single[config_id], config_id, "fsdp2")
-
-
-def _agc_min_factor(grad: torch.Tensor, weight: torch.Tensor, lam: float, eps: float) -> float:
-    """The smallest unit factor AGC applies to one tensor (float64, row by row)."""
-    g, w = grad.double(), weight.double()
-    if g.dim() <= 1:
-        g, w = g.reshape(1, -1), w.reshape(1, -1)
-    else:
-        g, w = g.flatten(1), w.flatten(1)
-    smallest = 1.0
-    for grow, wrow in zip(g, w, strict=True):
-        gn, allowed = float(grow.norm()), lam * max(float(wrow.norm()), eps)
-        if gn > allowed:
-            smallest = min(smallest, allowed / max(gn, 1e-6))
-    return smallest
+    runs = layout_runs(layout)
+    check_against_single(per_rank(runs, config_id), single[config_id], config_id, layout)
 
 
 @pytest.mark.parametrize("config_id", REFERENCE_CONFIGS)
 def test_ddp_matches_slow_reference(ddp_runs: list[dict[str, Any]], config_id: str) -> None:
-    """Each DDP step against ``tests/reference.py`` on float64 full-batch gradients.
+    """Each DDP step against the slow reference clipper on float64 full-batch gradients.
 
     The reference recomputes the full batch's gradient in float64 at the parameters
     the DDP run had before that step, so it shares nothing with the run but the data.
     """
     record = per_rank(ddp_runs, config_id)[0]
-    options = CONFIGS[config_id][1]
-    cls = _clipper_cls(config_id)
-    model = make_model(dtype=torch.float64)
+    method, options = CONFIGS[config_id]
+    agc = method == "agc"
+    model = METHODS.model(dtype=torch.float64)
     named = dict(model.named_parameters())
-    slow: Any = None
-    if issubclass(cls, AutoClip):
-        slow = SlowAutoClip(**options)
-    elif issubclass(cls, ZClip):
-        slow = SlowZClip(**options)
+    slow = None if agc else slow_clipper(method, **options)
     lam, eps = options.get("clip_factor", 0.0), options.get("eps", 1e-3)
     clipped = 0
     for step in range(STEPS):
@@ -378,31 +315,31 @@ def test_ddp_matches_slow_reference(ddp_runs: list[dict[str, Any]], config_id: s
             for name, value in record["params_before"][step].items():
                 named[name].copy_(value)
         model.zero_grad(set_to_none=True)
-        x, y = full_batch(step)
+        x, y = METHODS.full_batch(step)
         loss_fn(model(x.double()), y.double()).backward()
         grads = {name: p.grad.detach() for name, p in named.items()}
         norm = norm_of(list(grads.values()))
-        assert_rel_close(record["total_norm"][step], norm, f"step {step} norm", 1e-5)
+        _close(record["total_norm"][step], norm, f"step {step} norm", 1e-5)
         if step == NAN_STEP:  # skipped: gradients left as they are, state unchanged
             assert math.isnan(norm)
             assert bool(record["skipped"][step])
             assert float(record["clip_coef"][step]) == 1.0
-            tau = lam if issubclass(cls, AGC) else slow.threshold(norm)
-            assert_rel_close(record["threshold"][step], tau, "threshold when skipped", 1e-5)
+            tau = lam if agc else slow.threshold(norm)
+            _close(record["threshold"][step], tau, "threshold when skipped", 1e-5)
             for name, value in grads.items():
                 assert bool(record["grads"][step][name].isnan().all()), name
                 assert bool(value.isnan().all()), name
             continue
-        if issubclass(cls, AGC):
+        if agc:
             tau = lam
-            coef = min(_agc_min_factor(grads[n], named[n].detach(), lam, eps) for n in grads)
+            coef = min(agc_min_factor(grads[n], named[n].detach(), lam, eps) for n in grads)
             expected = {n: agc_reference(grads[n], named[n].detach(), lam, eps) for n in grads}
         else:
             tau = slow.threshold(norm)
             coef = min(1.0, tau / (norm + EPS))
             expected = {n: g * coef for n, g in grads.items()}
-        assert_rel_close(record["threshold"][step], tau, f"step {step} threshold", 1e-5)
-        assert_rel_close(record["clip_coef"][step], coef, f"step {step} clip_coef", 1e-5)
+        _close(record["threshold"][step], tau, f"step {step} threshold", 1e-5)
+        _close(record["clip_coef"][step], coef, f"step {step} clip_coef", 1e-5)
         for name, value in expected.items():
             torch.testing.assert_close(
                 record["grads"][step][name].double(),
@@ -414,13 +351,13 @@ def test_ddp_matches_slow_reference(ddp_runs: list[dict[str, Any]], config_id: s
         clipped += coef < 1
     assert clipped >= 3
     # The state the run ends with is the slow reference's.
-    if issubclass(cls, AutoClip):
-        assert_rel_close(record["window"], slow.history[-options["window"] :], "window", 1e-5)
-    elif issubclass(cls, ZClip):
+    if method in WINDOWED:
+        _close(record["window"], slow.history[-options["window"] :], "window", 1e-5)
+    elif method == "zclip":
         state = record["clipper_state"]["state"]
         assert int(state["num_seen"]) == STEPS - 1  # the NaN norm was not counted
-        assert_rel_close(state["mean"], slow.mean, "ZClip mean", 1e-5)
-        assert_rel_close(state["var"], slow.var, "ZClip var", 1e-4)
+        _close(state["mean"], slow.mean, "ZClip mean", 1e-5)
+        _close(state["var"], slow.var, "ZClip var", 1e-4)
 
 
 @pytest.mark.parametrize("config_id", STATEFUL_CONFIGS)
@@ -433,21 +370,23 @@ def test_ddp_state_round_trip_resumes_exactly(
     for rank, result in enumerate(ranks):
         full, resumed = result["full"], result["resumed"]
         assert result["has_clipper_state"]
-        assert_bits_equal(result["loaded_checksum"], result["saved_checksum"], "loaded state")
+        assert_bitwise_equal(result["loaded_checksum"], result["saved_checksum"], "loaded state")
         assert not torch.equal(result["fresh_checksum"], result["saved_checksum"])
         assert resumed["step"] == full["step"][STOP_AT:] == list(range(STOP_AT + 1, STEPS + 1))
         for field in STATS:
-            assert_bits_equal(resumed[field], full[field][STOP_AT:], f"rank {rank} {field}")
+            assert_bitwise_equal(resumed[field], full[field][STOP_AT:], f"rank {rank} {field}")
         for step, (a, b) in enumerate(zip(resumed["grads"], full["grads"][STOP_AT:], strict=True)):
             for name in a:
-                assert_bits_equal(a[name], b[name], f"rank {rank} step {STOP_AT + step} {name}")
+                assert_bitwise_equal(a[name], b[name], f"rank {rank} step {STOP_AT + step} {name}")
         for name, value in full["params"].items():
-            assert_bits_equal(resumed["params"][name], value, f"rank {rank} final {name}")
-        assert_bits_equal(resumed["checksum"], full["checksum"], f"rank {rank} final state")
+            assert_bitwise_equal(resumed["params"][name], value, f"rank {rank} final {name}")
+        assert_bitwise_equal(resumed["checksum"], full["checksum"], f"rank {rank} final state")
         # Something was clipped after the resume point, so the state mattered.
         assert bool((full["clip_coef"][STOP_AT:] < 1).any())
-    assert_bits_equal(ranks[1]["resumed"]["checksum"], ranks[0]["resumed"]["checksum"], "ranks")
-    assert_bits_equal(ranks[1]["resumed"]["threshold"], ranks[0]["resumed"]["threshold"], "ranks")
+    assert_bitwise_equal(ranks[1]["resumed"]["checksum"], ranks[0]["resumed"]["checksum"], "ranks")
+    assert_bitwise_equal(
+        ranks[1]["resumed"]["threshold"], ranks[0]["resumed"]["threshold"], "ranks"
+    )
 
 
 def test_agc_refuses_layouts_that_split_rows(group2: ProcessGroupHarness) -> None:

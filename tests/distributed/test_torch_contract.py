@@ -28,11 +28,11 @@ from typing import Any
 
 import pytest
 import torch
-import workers_dtensor_contract as dtensor
-import workers_fsdp1_contract as fsdp1
-from harness import ProcessGroupHarness
 
-from tests.reference import norm_of
+from tests.distributed import workers_dtensor_contract as dtensor
+from tests.distributed import workers_fsdp1_contract as fsdp1
+from tests.support.harness import ProcessGroupHarness
+from tests.support.reference import norm_of
 from tests.unit.test_clip_grad import NONFINITE_CASES
 
 pytestmark = pytest.mark.distributed

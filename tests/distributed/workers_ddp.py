@@ -1,25 +1,98 @@
 """Functions run on every rank by ``test_ddp.py`` (through the harness).
 
-Each builds a DDP model and a clipped optimizer from a spec (see ``ddp_setup``),
-trains, and returns plain tensors and numbers for the test to compare across ranks
-and against the single-process reference. Nothing here asserts: a worker records
-what happened (exceptions included) and the test decides.
+Each builds the ``ddp`` layout of the ``DDP`` problem and a clipped optimizer from a
+spec (see :func:`make_spec`), trains, and returns plain tensors and numbers for the
+test to compare across ranks and against the single-process reference. Nothing here
+asserts: a worker records what happened (exceptions included) and the test decides.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from ddp_setup import build_optimizer, local_batch, loss_fn, make_model, snapshot
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import distclip
+from tests.support import layouts
+from tests.support.problem import DDP, Problem, loss_fn
+from tests.support.training import StatsRecorder, clipped_optimizer
 
-STATS_FIELDS = ("total_norm", "threshold", "clip_coef", "skipped")
+
+def make_spec(
+    optimizer: str = "SGD",
+    optimizer_kwargs: dict[str, Any] | None = None,
+    *,
+    integration: str = "subclass",
+    method: str = "autoclip",
+    clip: dict[str, Any] | None = None,
+    steps: int = 24,
+    nan_steps: dict[int, tuple[int, ...]] | None = None,
+    closure: bool = False,
+    ddp_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A run: which optimizer, how distclip is attached, its options, the data.
+
+    Args:
+        optimizer: a class name in ``torch.optim``.
+        optimizer_kwargs: its arguments (``fused``/``foreach`` allowed).
+        integration: ``"subclass"`` (``AutoClippedOptimizer`` / ``ClippedOptimizer``)
+            or ``"attach"`` (``distclip.attach`` on a plain optimizer).
+        method: ``"autoclip"`` or ``"norm"``.
+        clip: the method's options (default: AutoClip with q=0.3, window=8).
+        steps: training steps.
+        nan_steps: ``{step: ranks}``: those ranks (of 2) get a NaN in their first row.
+        closure: pass the forward/backward to ``step()`` as a closure.
+        ddp_kwargs: extra arguments of ``DistributedDataParallel``.
+    """
+    if clip is None:
+        clip = {"q": 0.3, "window": 8} if method == "autoclip" else {"max_norm": 1.0}
+    return {
+        "optimizer": optimizer,
+        "optimizer_kwargs": dict(optimizer_kwargs or {"lr": 0.05}),
+        "integration": integration,
+        "method": method,
+        "clip": dict(clip),
+        "steps": steps,
+        "nan_steps": dict(nan_steps or {}),
+        "closure": closure,
+        "ddp_kwargs": dict(ddp_kwargs or {}),
+    }
+
+
+def problem_of(spec: dict[str, Any], world_size: int = 2) -> Problem:
+    """The ``DDP`` problem with the spec's NaN inputs (each listed rank's first row)."""
+    nan = tuple(
+        (step, DDP.first_row(rank, world_size))
+        for step, ranks in sorted(spec["nan_steps"].items())
+        for rank in ranks
+    )
+    return DDP.replace(nan=nan)
+
+
+def build_optimizer(
+    spec: dict[str, Any], params: Any
+) -> tuple[torch.optim.Optimizer, distclip.Clipper]:
+    """The clipped optimizer of ``spec`` over ``params``, and its clipper."""
+    return clipped_optimizer(
+        params,
+        optimizer=spec["optimizer"],
+        optimizer_kwargs=spec["optimizer_kwargs"],
+        method=spec["method"],
+        options=spec["clip"],
+        integration=spec["integration"],
+    )
+
+
+def snapshot(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Copies of the parameters and of the optimizer's whole state_dict (clipper included)."""
+    return {
+        "params": {name: p.detach().clone() for name, p in module.named_parameters()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+    }
 
 
 class Run:
@@ -28,19 +101,19 @@ class Run:
     def __init__(self, spec: dict[str, Any], model_seed: int | None = None) -> None:
         self.spec = spec
         self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        model = make_model() if model_seed is None else make_model(model_seed)
-        self.ddp = DistributedDataParallel(model, **spec["ddp_kwargs"])
-        self.module: nn.Module = self.ddp.module
+        self.prepared = layouts.build(
+            problem_of(spec), "ddp", ddp_kwargs=spec["ddp_kwargs"], seed=model_seed
+        )
+        self.ddp = self.prepared.module
+        self.module: nn.Module = self.prepared.inner
         self.optimizer, self.clipper = build_optimizer(spec, self.ddp.parameters())
-        self.records: dict[str, list[torch.Tensor]] = {name: [] for name in STATS_FIELDS}
-        self.step_numbers: list[int] = []
+        self.recorder = StatsRecorder()
         self.snapshots: dict[int, dict[str, Any]] = {}
         #: Per closure step: did ``step(closure)`` return the closure's own loss object?
         self.closure_loss_returned: list[bool] = []
 
     def backward(self, step: int) -> torch.Tensor:
-        x, y = local_batch(self.spec, step, self.rank, self.world_size)
+        x, y = self.prepared.batch(step)
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(self.ddp(x), y)
         loss.backward()
@@ -64,10 +137,7 @@ class Run:
         self.closure_loss_returned.append(len(losses) == 1 and returned is losses[0])
 
     def record(self) -> None:
-        stats = self.optimizer.last_clip  # type: ignore[attr-defined]
-        for name in STATS_FIELDS:
-            self.records[name].append(getattr(stats, name).detach().clone())
-        self.step_numbers.append(stats.step)
+        self.recorder.record(self.optimizer.last_clip)  # type: ignore[attr-defined]
 
     def train(self, steps: range, *, snapshot_steps: tuple[int, ...] = ()) -> None:
         for step in steps:
@@ -88,11 +158,8 @@ class Run:
     def result(self) -> dict[str, Any]:
         """Everything the tests compare, as picklable tensors and numbers."""
         out: dict[str, Any] = {
-            "records": {
-                name: torch.stack(values) if values else torch.empty(0)
-                for name, values in self.records.items()
-            },
-            "step_numbers": list(self.step_numbers),
+            "records": self.recorder.stacked(),
+            "step_numbers": list(self.recorder.steps),
             "params": {n: p.detach().clone() for n, p in self.module.named_parameters()},
             "optimizer_state": snapshot(self.module, self.optimizer)["optimizer"],
             "num_steps": self.clipper.num_steps,
@@ -103,9 +170,10 @@ class Run:
             "class_name": type(self.optimizer).__name__,
             "closure_loss_returned": list(self.closure_loss_returned),
         }
-        if isinstance(self.clipper, distclip.AutoClip):
-            out["window"] = self.clipper.window.chronological()
-            out["window_num_seen"] = self.clipper.window.num_seen.clone()
+        if self.spec["method"] == "autoclip":
+            window = self.clipper.window  # type: ignore[attr-defined]
+            out["window"] = window.chronological()
+            out["window_num_seen"] = window.num_seen.clone()
         return out
 
 
@@ -266,3 +334,17 @@ def dcp_resume(spec: dict[str, Any], stop_at: int, directory: str) -> dict[str, 
         "loaded": loaded,
         "resumed": resumed.result(),
     }
+
+
+def reference(spec: dict[str, Any]) -> Any:
+    """The slow single-process reference of ``spec`` (the full batch, plain torch)."""
+    from tests.support.reference import reference_train
+
+    return reference_train(
+        problem_of(spec),
+        steps=spec["steps"],
+        method=spec["method"],
+        options=spec["clip"],
+        optimizer=spec["optimizer"],
+        optimizer_kwargs=spec["optimizer_kwargs"],
+    )

@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from contract_models import TwoBlocks, features, make
 from torch import Tensor, nn
-from workers_layouts import count_collectives, value_of
 
 import distclip
-from tests.reference import norm_of
+from tests.distributed.contract_models import TwoBlocks, features, make
+from tests.support import internals
+from tests.support.collectives import count_collectives, value_of
+from tests.support.reference import norm_of
 
 #: test_nn's norm types, and those distclip adds (checked against the reference only).
 TORCH_NORM_TYPES = (0.5, 1.5, 2, 4, "inf")
@@ -352,7 +353,7 @@ def nonfinite_table(layout: str, cases: list[tuple[Any, ...]]) -> list[dict[str,
             params = [_sharded_vector(layout, grad)]
             if prefix:
                 params.insert(0, _sharded_vector(layout, torch.ones(1, dtype=torch.float64)))
-            before = [distclip.reduction.local_tensor(q.grad).clone() for q in params]
+            before = [internals.local_tensor(q.grad).clone() for q in params]
             row: dict[str, Any] = {
                 "case": index,
                 "error_if_nonfinite": error_if_nonfinite,
@@ -368,9 +369,7 @@ def nonfinite_table(layout: str, cases: list[tuple[Any, ...]]) -> list[dict[str,
             except RuntimeError as exc:
                 row["error"] = str(exc)
                 row["unchanged"] = all(
-                    torch.equal(
-                        distclip.reduction.local_tensor(q.grad).nan_to_num(7.0), b.nan_to_num(7.0)
-                    )
+                    torch.equal(internals.local_tensor(q.grad).nan_to_num(7.0), b.nan_to_num(7.0))
                     for q, b in zip(params, before, strict=True)
                 )
             out.append(row)

@@ -2,7 +2,8 @@
 
 Each returns plain tensors and numbers; nothing here asserts. A run is a spec dict:
 
-* ``layout``: ``"ddp"`` or ``"fsdp2"`` (``fully_shard`` on every layer and the root);
+* ``layout``: ``"ddp"`` or ``"fsdp2"`` of ``tests.support.layouts`` (the ``FAULTS``
+  problem: the layouts MLP and a side layer);
 * ``steps``, ``q``, ``window``, ``lr``, ``momentum``: AutoClip + SGD (``foreach=False``);
 * ``optimizer``: ``"sgd"`` or ``"sgd_fused"`` (fused SGD: the skip happens on the device);
 * ``fault``: ``{"step", "rank", "param", "value"}``: at ``step``, one element of
@@ -25,16 +26,15 @@ import math
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from faults_reference import EPS, build_model
-from layouts_reference import norm_of
-from layouts_setup import batch_slice, loss_fn
 from torch import Tensor, nn
 
 import distclip
-from distclip.errors import NonFiniteNormError, RankDesyncError
+from tests.support import layouts
+from tests.support.problem import FAULTS, loss_fn
+from tests.support.reference import SlowAutoClip, norm_of
+from tests.support.training import clipped_optimizer
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -50,35 +50,32 @@ def _full(tensor: Tensor) -> Tensor:
 
 def _wrap(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
     """The model of the spec on this rank and what trains it (DDP wrapper or the FSDP2 root)."""
-    model = build_model(spec.get("frozen", ()))
-    if spec.get("dtype", "float32") == "bfloat16":
-        model = model.to(torch.bfloat16)
-    if spec["layout"] == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return model, DistributedDataParallel(model)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in (*model.mlp.children(), model.side):
-        if any(p.requires_grad for p in layer.parameters()):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model, model
+    dtype = torch.bfloat16 if spec.get("dtype", "float32") == "bfloat16" else None
+    prepared = layouts.build(FAULTS, spec["layout"], frozen=spec.get("frozen", ()), dtype=dtype)
+    return prepared.inner, prepared.module
 
 
 def _optimizer(spec: dict[str, Any], model: nn.Module) -> torch.optim.Optimizer:
     fused = spec.get("optimizer", "sgd") == "sgd_fused"
-    cls = distclip.AutoClippedOptimizer(
-        torch.optim.SGD, q=spec["q"], window=spec["window"], nonfinite=spec.get("nonfinite", "skip")
-    )
     params = [p for p in model.parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [{"params": params}]
     if spec.get("empty_group"):
         groups.append({"params": [], "lr": 0.5})
     kwargs: dict[str, Any] = {"fused": True} if fused else {"foreach": False}
-    return cls(groups, lr=spec.get("lr", 0.05), momentum=spec.get("momentum", 0.9), **kwargs)
+    optimizer, _ = clipped_optimizer(
+        groups,
+        optimizer_kwargs={
+            "lr": spec.get("lr", 0.05),
+            "momentum": spec.get("momentum", 0.9),
+            **kwargs,
+        },
+        options={
+            "q": spec["q"],
+            "window": spec["window"],
+            "nonfinite": spec.get("nonfinite", "skip"),
+        },
+    )
+    return optimizer
 
 
 def _sync_context(wrapped: Any, sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -127,7 +124,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
             handle = dict(model.named_parameters())[fault["param"]].register_hook(
                 lambda g: g.flatten().index_fill(0, torch.tensor([0]), fault["value"]).view_as(g)
             )
-        x, y = batch_slice(step, rank, world)
+        x, y = FAULTS.batch_slice(step, rank, world)
         per = x.shape[0] // micro
         for j in range(micro):
             with _sync_context(wrapped, j == micro - 1):
@@ -151,7 +148,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
             out["before"] = _snapshot(model, optimizer)
         try:
             optimizer.step()
-        except NonFiniteNormError as error:
+        except distclip.NonFiniteNormError as error:
             out["errors"].append((step, type(error).__name__, str(error)))
             out["after"] = _snapshot(model, optimizer)
             break
@@ -175,13 +172,11 @@ def train_amp(spec: dict[str, Any]) -> dict[str, Any]:
 
     Two DDP models train side by side on the same data: one with distclip's
     ``AutoClippedOptimizer``, one with the plain optimizer clipped by hand (the
-    reference: ``scaler.unscale_``, float64 norm, Python window, ``numpy.quantile``,
-    explicit multiply, ``scaler.step``). ``spec["unscale"]``: whether the distclip
+    reference: ``scaler.unscale_``, float64 norm, the slow ``SlowAutoClip``, explicit
+    multiply, ``scaler.step``). ``spec["unscale"]``: whether the distclip
     run calls ``scaler.unscale_`` before ``scaler.step`` (without it, a fused
     optimizer receives the scale as ``grad_scale``).
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     rank, world = dist.get_rank(), dist.get_world_size()
     kwargs: dict[str, Any] = ({"fused": True} if spec["fused"] else {"foreach": False}) | spec[
         "optim_kwargs"
@@ -189,8 +184,8 @@ def train_amp(spec: dict[str, Any]) -> dict[str, Any]:
     base: type[torch.optim.Optimizer] = getattr(torch.optim, spec["optimizer"])
     runs = {}
     for name in ("distclip", "reference"):
-        module = build_model()
-        ddp = DistributedDataParallel(module)
+        prepared = layouts.build(FAULTS, "ddp")
+        module, ddp = prepared.inner, prepared.module
         cls = (
             distclip.AutoClippedOptimizer(base, q=spec["q"], window=spec["window"])
             if name == "distclip"
@@ -200,10 +195,10 @@ def train_amp(spec: dict[str, Any]) -> dict[str, Any]:
             "cpu", init_scale=spec["init_scale"], growth_interval=spec["growth_interval"]
         )
         runs[name] = (module, ddp, cls(module.parameters(), **kwargs), scaler)
-    history: list[float] = []
+    slow = SlowAutoClip(q=spec["q"], window=spec["window"])
     out: dict[str, Any] = {"distclip": [], "reference": [], "scale": []}
     for step in range(spec["steps"]):
-        x, y = batch_slice(step, rank, world)
+        x, y = FAULTS.batch_slice(step, rank, world)
         for name, (_, ddp, optimizer, scaler) in runs.items():
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.float16):
@@ -213,15 +208,13 @@ def train_amp(spec: dict[str, Any]) -> dict[str, Any]:
                 scaler.unscale_(optimizer)
                 grads = [p.grad for p in ddp.parameters() if p.grad is not None]
                 n = norm_of(grads, 2.0)
-                record = {"total_norm": n, "threshold": math.nan, "skipped": 1.0}
+                tau, coef = slow.coefficient(n)
+                record = {"total_norm": n, "threshold": tau, "skipped": 1.0}
                 if math.isfinite(n):
-                    history.append(n)
-                    del history[: -spec["window"]]
-                    tau = float(np.quantile(np.asarray(history), spec["q"], method="linear"))
                     with torch.no_grad():
                         for g in grads:
-                            g.mul_(min(1.0, tau / (n + EPS)))
-                    record = {"total_norm": n, "threshold": tau, "skipped": 0.0}
+                            g.mul_(coef)
+                    record["skipped"] = 0.0
                 out[name].append(record)
             else:
                 if spec["unscale"]:
@@ -239,7 +232,7 @@ def train_amp(spec: dict[str, Any]) -> dict[str, Any]:
                 out["scale"].append(scale_before)
     clipper = distclip.get_clipper(runs["distclip"][2])
     out["window"] = clipper.window.chronological().tolist()  # type: ignore[attr-defined]
-    out["reference_window"] = list(history)
+    out["reference_window"] = list(slow.history)
     out["num_skipped"] = int(clipper.num_skipped)
     out["params"] = {
         name: {n: p.detach().clone() for n, p in run[0].named_parameters()}
@@ -304,7 +297,7 @@ def missing_rank(timeout_s: float) -> dict[str, Any]:
                     clipper.clip_()
                 else:
                     clipper.check_consistency(group, timeout=timedelta(seconds=timeout_s))
-            except (RuntimeError, RankDesyncError) as error:
+            except (RuntimeError, distclip.RankDesyncError) as error:
                 out[what] = (type(error).__name__, str(error), time.monotonic() - start)
             else:
                 out[what] = None
@@ -330,7 +323,7 @@ def train_sharded_scaler(steps: int, inf_step: int) -> dict[str, Any]:
     out: dict[str, Any] = {"stepped": [], "stats": [], "scale": []}
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        x, y = batch_slice(step, rank, world)
+        x, y = FAULTS.batch_slice(step, rank, world)
         scaler.scale(loss_fn(wrapped(x), y)).backward()
         if step == inf_step and rank == 1:
             grad = dict(model.named_parameters())["mlp.fc2.weight"].grad

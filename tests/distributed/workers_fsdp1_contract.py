@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from contract_models import Block, TiedLM, make, tokens
-from layouts_build import fsdp1_full_grads
 from torch import nn
 
 import distclip
-from tests.reference import norm_of
+from tests.distributed.contract_models import Block, TiedLM, make, tokens
+from tests.support.layouts_fsdp1 import fsdp1_full_grads
+from tests.support.reference import norm_of
 
 #: torch's test multiplies the gradients by this, so that every max_norm clips.
 LARGE_FACTOR = 100

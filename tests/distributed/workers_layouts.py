@@ -1,44 +1,27 @@
 """Functions run on every rank by ``test_layouts.py`` and ``test_layouts_4ranks.py``.
 
-Each builds a layout (``layouts_build``), runs distclip on it and returns plain
-tensors and numbers: per-step clip statistics, the collectives each ``step()``
-issued, the gathered final parameters, and what torch's own functions do on the
-same gradients. Nothing here asserts: the tests compare with the reference.
+Each builds a layout of the ``LAYOUTS`` problem (``tests.support.layouts``), runs
+distclip on it and returns plain tensors and numbers: per-step clip statistics, the
+collectives each ``step()`` issued, the gathered final parameters, and what torch's own
+functions do on the same gradients. Nothing here asserts: the tests compare with the
+reference.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import warnings
-from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from layouts_build import Prepared, build
 
 import distclip
-import distclip.reduction.collectives
-
-STATS_FIELDS = ("total_norm", "threshold", "clip_coef", "skipped")
-
-#: ``torch.distributed`` collectives counted around a ``step()``.
-C10D_COLLECTIVES = (
-    "all_reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_gather_object",
-    "reduce_scatter_tensor",
-    "reduce",
-    "broadcast",
-    "barrier",
-    "all_to_all_single",
-    "send",
-    "recv",
-)
+from tests.support import internals, layouts
+from tests.support.collectives import count_collectives, describe_norm, same_all_reduce, value_of
+from tests.support.layouts import Prepared
+from tests.support.problem import LAYOUTS
+from tests.support.training import StatsRecorder, clipped_optimizer
 
 #: ``clip_grad_norm_``'s ``max_norm`` in the functional checks (below every first norm).
 FUNCTIONAL_MAX_NORM = 1.0
@@ -47,22 +30,36 @@ FUNCTIONAL_MAX_NORM = 1.0
 #: MAX, MIN, a count) and a negative p (which sees FSDP1's padding if not excluded).
 FUNCTIONAL_NORM_TYPES = (2.0, math.inf, -math.inf, 0.0, -1.5)
 
-
-def value_of(norm: torch.Tensor) -> float:
-    """A norm as a float; a DTensor norm through ``full_tensor()`` (local for Replicate)."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+#: Options that only some layouts read (see ``tests.support.layouts``).
+LAYOUT_OPTIONS = ("sharding", "use_orig_params", "ignored", "hsdp", "shared", "new_group", "mixed")
 
 
-def describe_norm(norm: torch.Tensor) -> dict[str, Any]:
-    """What torch code would see of a returned norm: its value, type, placements, dtype."""
-    placements = getattr(norm, "placements", None)
-    return {
-        "value": value_of(norm),
-        "dtensor": placements is not None,
-        "placements": None if placements is None else [type(p).__name__ for p in placements],
-        "local": float(getattr(norm, "_local_tensor", norm)),
-        "dtype": str(norm.dtype),
+def make_spec(layout: str, **options: Any) -> dict[str, Any]:
+    """A run: the layout and its options, AutoClip, SGD, steps.
+
+    Defaults: 24 steps of AutoClip (q=0.3, window=8: the window wraps) with SGD
+    (lr 0.05, no momentum, ``foreach=False``), the 2-norm, the subclass integration,
+    the first-step consistency check on, the functional checks run first.
+    """
+    spec: dict[str, Any] = {
+        "layout": layout,
+        "kind": "tied" if layout == "pipeline" else "mlp",
+        "steps": 24,
+        "q": 0.3,
+        "window": 8,
+        "norm_type": 2.0,
+        "lr": 0.05,
+        "momentum": 0.0,
+        "foreach": False,
+        "integration": "subclass",
+        "check_first_step": True,
+        "functional": True,
     }
+    unknown = set(options) - set(spec) - set(LAYOUT_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown spec option(s) {sorted(unknown)}")
+    spec.update(options)
+    return spec
 
 
 def _quiet() -> None:
@@ -72,48 +69,10 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _same_all_reduce() -> bool:
-    """distclip's ``dist.all_reduce`` is the ``torch.distributed`` attribute counted here."""
-    return (
-        distclip.reduction.collectives.dist is dist
-        and dist.all_reduce is dist.distributed_c10d.all_reduce
-    )
-
-
-@contextlib.contextmanager
-def count_collectives() -> Iterator[Counter[str]]:
-    """Count ``torch.distributed`` collectives called inside the block, two ways.
-
-    Each function of :data:`C10D_COLLECTIVES` is replaced by a counting wrapper on
-    the ``torch.distributed`` module (distclip calls ``dist.all_reduce`` through it),
-    and ``CommDebugMode`` counts the c10d ops that reach the dispatcher (functional
-    collectives of DTensor included): ``debug_all_reduce`` and ``debug_total``.
-    """
-    from torch.distributed.tensor.debug import CommDebugMode
-
-    counts: Counter[str] = Counter()
-    originals = {name: getattr(dist, name) for name in C10D_COLLECTIVES}
-
-    def counting(name: str, fn: Any) -> Any:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            counts[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    for name, fn in originals.items():
-        setattr(dist, name, counting(name, fn))
-    debug = CommDebugMode()
-    try:
-        with debug:
-            yield counts
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-    by_op = {str(op): n for op, n in debug.get_comm_counts().items()}
-    counts["debug_all_reduce"] = sum(n for op, n in by_op.items() if "allreduce" in op)
-    counts["debug_total"] = sum(by_op.values())
+def build(spec: dict[str, Any]) -> Prepared:
+    """The spec's layout of the ``LAYOUTS`` problem on this rank."""
+    options = {k: spec[k] for k in LAYOUT_OPTIONS if k in spec}
+    return layouts.build(LAYOUTS, spec["layout"], **options)
 
 
 def _zero_grads(prepared: Prepared) -> None:
@@ -156,7 +115,7 @@ def functional_checks(prepared: Prepared, norm_type: float) -> dict[str, Any]:
         "grads": gathered,
         "from_per_tensor": {},
     }
-    plan = distclip.reduction.ReductionPlan.build(prepared.params, **kwargs)
+    plan = internals.build_plan(prepared.params, **kwargs)
     for p in FUNCTIONAL_NORM_TYPES:
         with count_collectives() as counts:
             out["norms"][p] = value_of(distclip.grad_norm(prepared.params, p, **kwargs))
@@ -173,9 +132,7 @@ def functional_checks(prepared: Prepared, norm_type: float) -> dict[str, Any]:
         distclip.clip_grad_norm_(prepared.params, FUNCTIONAL_MAX_NORM, norm_type, **kwargs)
     )
     out["clipped_grads"] = prepared.full_grads()
-    out["plan_num_collectives"] = distclip.reduction.ReductionPlan.build(
-        prepared.params, **kwargs
-    ).num_collectives
+    out["plan_num_collectives"] = internals.build_plan(prepared.params, **kwargs).num_collectives
     _zero_grads(prepared)
     return out
 
@@ -184,20 +141,22 @@ def make_optimizer(
     prepared: Prepared, spec: dict[str, Any]
 ) -> tuple[torch.optim.Optimizer, distclip.Clipper]:
     """AutoClip + SGD over the layout's parameters, as a subclass or attached."""
-    clip = {
-        "q": spec["q"],
-        "window": spec["window"],
-        "norm_type": spec["norm_type"],
-        "check_first_step": spec["check_first_step"],
-    }
-    sgd = {"lr": spec["lr"], "momentum": spec["momentum"], "foreach": spec["foreach"]}
-    if spec["integration"] == "attach":
-        optimizer = torch.optim.SGD(prepared.params, **sgd)
-        handle = distclip.attach(optimizer, **clip, **prepared.layout_kwargs)
-        return optimizer, handle.clipper
-    cls = distclip.AutoClippedOptimizer(torch.optim.SGD, **clip)
-    optimizer = cls(prepared.params, **sgd, **prepared.layout_kwargs)
-    return optimizer, optimizer.clipper  # type: ignore[attr-defined]
+    return clipped_optimizer(
+        prepared.params,
+        optimizer_kwargs={
+            "lr": spec["lr"],
+            "momentum": spec["momentum"],
+            "foreach": spec["foreach"],
+        },
+        options={
+            "q": spec["q"],
+            "window": spec["window"],
+            "norm_type": spec["norm_type"],
+            "check_first_step": spec["check_first_step"],
+        },
+        integration=spec["integration"],
+        layout=prepared.layout_kwargs,
+    )
 
 
 def train(spec: dict[str, Any]) -> dict[str, Any]:
@@ -211,12 +170,12 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "rank": dist.get_rank(),
         "info": prepared.info,
-        "same_all_reduce": _same_all_reduce(),
+        "same_all_reduce": same_all_reduce(),
     }
     if spec["functional"]:
         result["functional"] = functional_checks(prepared, spec["norm_type"])
     optimizer, clipper = make_optimizer(prepared, spec)
-    records: dict[str, list[torch.Tensor]] = {name: [] for name in STATS_FIELDS}
+    recorder = StatsRecorder()
     counts: list[dict[str, int]] = []
     for step in range(spec["steps"]):
         optimizer.zero_grad(set_to_none=True)
@@ -224,13 +183,13 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         with count_collectives() as step_counts:
             optimizer.step()
         counts.append(dict(step_counts))
-        for name in STATS_FIELDS:
-            records[name].append(getattr(optimizer.last_clip, name).detach().clone())  # type: ignore[attr-defined]
+        recorder.record(optimizer.last_clip)  # type: ignore[attr-defined]
+    plan = internals.plan_of(clipper)
     result.update(
-        records={name: torch.stack(values) for name, values in records.items()},
+        records=recorder.stacked(),
         counts=counts,
-        num_collectives=clipper.plan.num_collectives,
-        plan=clipper.plan.describe(),
+        num_collectives=plan.num_collectives,
+        plan=plan.describe(),
         window=clipper.window.chronological(),  # type: ignore[attr-defined]
         params=prepared.full_params(),
         class_name=type(optimizer).__name__,

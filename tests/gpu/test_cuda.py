@@ -22,7 +22,8 @@ import torch
 
 import distclip
 from distclip.functional import step_uniform
-from tests.reference import CLIPPING_OPTIONS, SlowAutoClip
+from tests.support.methods import CLIPPING_OPTIONS
+from tests.support.reference import SlowAutoClip
 
 pytestmark = pytest.mark.gpu
 
@@ -106,7 +107,7 @@ def test_draws_are_the_same_on_the_gpu_and_the_cpu() -> None:
 
 
 def test_collectives_follow_the_gradients_device_not_the_current_one() -> None:
-    from distclip.reduction import collective_device
+    from tests.support.internals import collectives
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
@@ -115,7 +116,7 @@ def test_collectives_follow_the_gradients_device_not_the_current_one() -> None:
     store = torch.distributed.HashStore()
     torch.distributed.init_process_group("nccl", store=store, rank=0, world_size=1)
     try:
-        assert collective_device(None, like) == torch.device("cuda", 1)
+        assert collectives.collective_device(None, like) == torch.device("cuda", 1)
     finally:
         torch.distributed.destroy_process_group()
 

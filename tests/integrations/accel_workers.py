@@ -1,6 +1,6 @@
 """Accelerate training loops for the integration tests, in one process or on every rank.
 
-:func:`accel_run` trains :class:`~integ_setup.TinyNet` with a real ``Accelerator``
+:func:`accel_run` trains :class:`~tests.support.frameworks.TinyNet` with a real ``Accelerator``
 (``cpu=True`` for DDP over gloo; DeepSpeed through Accelerate's plugin) as a spec
 describes (see :func:`make_spec`) and records what happened; nothing here asserts.
 :func:`fsdp1_layout_run` checks the FSDP1 root that :func:`distclip.accelerate.layout_model`
@@ -15,11 +15,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from fw_env import WarningCapture, framework_run, full_params
-from integ_setup import BATCH, LR, METHOD, OPTIONS, IndexedData, TinyNet, sample
 
 import distclip
-from distclip.integrations.wrappers import describe_chain, wrapper_chain
+from tests.support import internals
+from tests.support.frameworks import (
+    BATCH,
+    LR,
+    METHOD,
+    OPTIONS,
+    IndexedData,
+    TinyNet,
+    WarningCapture,
+    framework_run,
+    full_params,
+    sample,
+)
 
 
 def make_spec(
@@ -109,7 +119,9 @@ def accel_run(spec: dict[str, Any]) -> dict[str, Any]:
                 options = {} if spec["class_optimizer"] else spec["options"]
                 handle = distclip.accelerate.attach(accelerator, method, **options)
             prepared_model, prepared_opt, loader = accelerator.prepare(model, optimizer, loader)
-            out["chain"] = describe_chain(wrapper_chain(prepared_opt))
+            out["chain"] = internals.wrappers.describe_chain(
+                internals.wrappers.wrapper_chain(prepared_opt)
+            )
             start = 0
             if spec["resume"] is not None:
                 directory, start = spec["resume"]

@@ -1,6 +1,6 @@
 """HF Trainer runs for the integration tests, in one process or on every rank of a group.
 
-:func:`hf_run` trains :class:`~integ_setup.TinyNet` with a real ``transformers.Trainer``
+:func:`hf_run` trains :class:`~tests.support.frameworks.TinyNet` with a real ``transformers.Trainer``
 as a spec describes (see :func:`make_spec`) and records what happened; nothing here
 asserts: the tests decide. Exceptions are recorded too (type and message), so that a
 test can check that a setting is refused with the documented error.
@@ -17,11 +17,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from fw_env import WarningCapture, framework_run, full_params
-from integ_setup import BATCH, LR, METHOD, OPTIONS, IndexedData, TinyNet
 
 import distclip
-from distclip.integrations.wrappers import describe_chain, wrapper_chain
+from tests.support import internals
+from tests.support.frameworks import (
+    BATCH,
+    LR,
+    METHOD,
+    OPTIONS,
+    IndexedData,
+    TinyNet,
+    WarningCapture,
+    framework_run,
+    full_params,
+)
 
 #: Path of the training: how distclip gets into the Trainer.
 PATHS = ("class", "integration", "callback", "class+integration")
@@ -217,7 +226,7 @@ def _wrapper_checks(trainer: Any, spec: dict[str, Any]) -> dict[str, Any]:
     optimizer = trainer.optimizer
     clipper = distclip.get_clipper(optimizer)
     checks: dict[str, Any] = {
-        "chain": describe_chain(wrapper_chain(optimizer)),
+        "chain": internals.wrappers.describe_chain(internals.wrappers.wrapper_chain(optimizer)),
         "window": clipper.window.chronological().tolist(),
         "num_steps": clipper.num_steps,
     }

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning_support import (
+import distclip
+from tests.integrations.lightning_support import (
     AUTOCLIP,
     RESUME_AT,
     ClipNet,
@@ -21,8 +22,6 @@ from lightning_support import (
     params_of,
     reference_run,
 )
-
-import distclip
 
 
 def _result(module: ClipNet, recorder: Recorder) -> dict[str, Any]:

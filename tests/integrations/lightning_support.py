@@ -1,15 +1,17 @@
 """The Lightning runs of ``test_lightning.py`` and their independent reference.
 
-A small MLP regressed onto targets whose scale changes from step to step, so that
-AutoClip clips on some steps and not on others. Optimizer step ``s`` (0-based) of rank
-``r`` trains on ``micro_batch(s, r)``; the batch is drawn from ``s``, not from the
+The ``LIGHTNING`` problem (``tests.support.problem``): a small MLP regressed onto
+targets whose scale changes from step to step, so that AutoClip clips on some steps and
+not on others. Optimizer step ``s`` (0-based) of rank ``r`` trains on
+``LIGHTNING.micro_batch(s, r)``; the batch is drawn from ``s``, not from the
 dataloader's position, so a run resumed from a checkpoint sees the batches the
 uninterrupted run saw whatever Lightning does with the dataloader on a restart.
 
-:func:`reference_run` is the oracle: a plain torch loop in one process on the
-concatenation of every rank's micro-batch (what DDP, FSDP2 and ZeRO-2 average to), the
-norm taken in float64 with numpy, the threshold from ``tests.reference.SlowAutoClip``,
-the gradients scaled by hand, then torch's own SGD.
+:func:`reference_run` is the oracle: the slow reference loop of
+``tests.support.reference`` in one process on the concatenation of every rank's
+micro-batch (what DDP, FSDP2 and ZeRO-2 average to): the norm taken in float64 with
+numpy, the threshold from ``SlowAutoClip``, the gradients scaled by hand, then torch's
+own SGD.
 
 The runs themselves are in ``lightning_runs.py``.
 """
@@ -17,36 +19,28 @@ The runs themselves are in ``lightning_runs.py``.
 from __future__ import annotations
 
 import copy
-import logging
 import os
-import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 from torch import Tensor, nn
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:  # the reference lives in tests/reference.py
-    sys.path.insert(0, str(_ROOT))
+import distclip
+from distclip.lightning import DistClipCallback
+from tests.support.deepspeed_env import import_deepspeed
+from tests.support.frameworks import quiet_frameworks
+from tests.support.problem import LIGHTNING
+from tests.support.reference import reference_train
 
-import pytorch_lightning as pl  # noqa: E402
-from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy  # noqa: E402
-
-import distclip  # noqa: E402
-from distclip.lightning import DistClipCallback  # noqa: E402
-from tests.reference import SlowAutoClip, norm_of  # noqa: E402
-
-IN_FEATURES = 8
-HIDDEN = 16
-MICRO_BATCH = 4
-MODEL_SEED = 0
-LR = 0.1
-MOMENTUM = 0.9
+MICRO_BATCH = LIGHTNING.batch
+LR = LIGHTNING.optimizer_kwargs["lr"]
+MOMENTUM = LIGHTNING.optimizer_kwargs["momentum"]
 #: AutoClip with a short window, so that it wraps within a run.
-AUTOCLIP = {"q": 0.3, "window": 4}
-STEPS = 8
+AUTOCLIP = LIGHTNING.options
+STEPS = LIGHTNING.steps
 RESUME_AT = 4
 #: Batches per epoch: the checkpoint at RESUME_AT falls inside the first epoch.
 EPOCH = 6
@@ -54,43 +48,20 @@ PREFIX = "distclip/"
 
 
 # ------------------------------------------------------------------------ problem
-def make_net(seed: int = MODEL_SEED) -> nn.Sequential:
-    """The MLP, initialised from ``seed`` (the global RNG is left as it was)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 1))
-
-
-def micro_batch(step: int, rank: int) -> tuple[Tensor, Tensor]:
-    """Rank ``rank``'s micro-batch of optimizer step ``step`` (0-based)."""
-    generator = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randn(MICRO_BATCH, IN_FEATURES, generator=generator)
-    y = torch.randn(MICRO_BATCH, 1, generator=generator) * (1 + (step * 7) % 5)
-    return x, y
-
-
 def reference_run(world_size: int, steps: int = STEPS) -> dict[str, Any]:
     """The plain loop on the global batches: per-step norms and thresholds, final params."""
-    net = make_net()
-    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-    policy = SlowAutoClip(**AUTOCLIP)
-    norms, thresholds = [], []
-    for step in range(steps):
-        parts = [micro_batch(step, rank) for rank in range(world_size)]
-        x = torch.cat([p[0] for p in parts])
-        y = torch.cat([p[1] for p in parts])
-        optimizer.zero_grad()
-        nn.functional.mse_loss(net(x), y).backward()
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        norm = norm_of(grads)
-        threshold, coef = policy.coefficient(norm)
-        with torch.no_grad():
-            for grad in grads:
-                grad.mul_(coef)
-        optimizer.step()
-        norms.append(norm)
-        thresholds.append(threshold)
-    return {"norms": norms, "thresholds": thresholds, "params": params_of(net)}
+    reference = reference_train(
+        LIGHTNING,
+        steps=steps,
+        options=AUTOCLIP,
+        optimizer_kwargs=LIGHTNING.optimizer_kwargs,
+        batch=lambda step: LIGHTNING.global_micro_batch(step, 0, world_size),
+    )
+    return {
+        "norms": reference.total_norm,
+        "thresholds": reference.threshold,
+        "params": list(reference.params.values()),
+    }
 
 
 def params_of(net: nn.Module) -> list[Tensor]:
@@ -117,7 +88,7 @@ class ClipNet(pl.LightningModule):
 
     def __init__(self, clipped_class: dict[str, Any] | None = None, fsdp2: bool = False) -> None:
         super().__init__()
-        self.net = make_net()
+        self.net = LIGHTNING.model()
         self.clipped_class = clipped_class
         self.fsdp2 = fsdp2
         #: ``distclip.get_clipper(self.optimizers())`` of the first step (a LightningOptimizer).
@@ -140,7 +111,7 @@ class ClipNet(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self.clipper_seen is None and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
             self.clipper_seen = distclip.get_clipper(self.optimizers())
-        x, y = micro_batch(self.trainer.global_step, self.global_rank)
+        x, y = LIGHTNING.micro_batch(self.trainer.global_step, self.global_rank)
         return nn.functional.mse_loss(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -233,11 +204,7 @@ def prepare_rank() -> None:
 
 def quiet() -> None:
     """Lightning's and DeepSpeed's start-up chatter off."""
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "DeepSpeed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    quiet_frameworks(("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "DeepSpeed"))
 
 
 #: Lightning's DeepSpeed config in the DeepSpeed runs: ZeRO-2 and a "distclip" section,
@@ -261,10 +228,7 @@ def make_strategy(name: str) -> Any:
 
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     if name == "deepspeed":
-        import deepspeed
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no C++ build
-        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        import_deepspeed()  # its shm op off: no C++ build
         return CPUDeepSpeedStrategy(
             config=copy.deepcopy(DEEPSPEED_CONFIG), process_group_backend="gloo"
         )

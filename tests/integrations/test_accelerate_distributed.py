@@ -21,11 +21,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import accel_workers
 import pytest
-from harness import ProcessGroupHarness
-from integ_checks import RTOL, check_against_reference, check_resumed, ok, thresholds
-from integ_setup import METHOD, OPTIONS, max_rel_diff, reference_run
+
+from tests.integrations import accel_workers
+from tests.integrations.integ_checks import (
+    RTOL,
+    check_against_reference,
+    check_resumed,
+    max_rel_diff,
+    ok,
+    reference_run,
+    thresholds,
+)
+from tests.support.frameworks import METHOD, OPTIONS
+from tests.support.harness import ProcessGroupHarness
 
 pytestmark = pytest.mark.distributed
 

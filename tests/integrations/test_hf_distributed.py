@@ -21,11 +21,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hf_workers
 import pytest
-from harness import ProcessGroupHarness
-from integ_checks import RTOL, check_against_reference, check_resumed, ok, thresholds
-from integ_setup import METHOD, OPTIONS
+
+from tests.integrations import hf_workers
+from tests.integrations.integ_checks import (
+    RTOL,
+    check_against_reference,
+    check_resumed,
+    ok,
+    thresholds,
+)
+from tests.support.frameworks import METHOD, OPTIONS
+from tests.support.harness import ProcessGroupHarness
 
 pytestmark = pytest.mark.distributed
 

@@ -1,6 +1,6 @@
 """HF ``transformers.Trainer`` in one process (CPU): the three ways in, resume, logs, refusals.
 
-Every run trains :class:`~integ_setup.TinyNet` with a real Trainer; the module runs
+Every run trains :class:`~tests.support.frameworks.TinyNet` with a real Trainer; the module runs
 them once (``runs``) and the tests check them:
 
 * thresholds per step equal the plain ``ClippedOptimizer(SGD)`` loop on the same
@@ -21,13 +21,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hf_workers
 import pytest
 import torch
-from integ_checks import RTOL, check_against_reference, check_resumed, ok, thresholds
-from integ_setup import max_rel_diff
 
 import distclip
+from tests.integrations import hf_workers
+from tests.integrations.integ_checks import (
+    RTOL,
+    check_against_reference,
+    check_resumed,
+    max_rel_diff,
+    ok,
+    thresholds,
+)
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -171,21 +177,16 @@ def test_distclip_model_keyword_in_optimizer_cls_and_kwargs_is_explained(
 
 
 def test_attach_refuses_bad_input_before_changing_anything(tmp_path: Path) -> None:
-    from fw_env import framework_run
-    from integ_setup import IndexedData, TinyNet
     from transformers import Trainer, TrainingArguments
+
+    from tests.support.frameworks import IndexedData, TinyNet, framework_run
 
     with pytest.raises(TypeError, match=r"trainer must be a transformers\.Trainer, got object"):
         distclip.hf.attach(object())
     with framework_run():
         args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
         trainer = Trainer(model=TinyNet(), args=args, train_dataset=IndexedData())
-        with pytest.raises(ValueError, match="unknown clipping method 'nope'"):
-            distclip.hf.attach(trainer, "nope")
-        with pytest.raises(TypeError, match="unknown option"):
-            distclip.hf.attach(trainer, "autoclip", quantile=0.1)
-        with pytest.raises(ValueError, match=r"q must be in \[0, 1\]"):
-            distclip.hf.attach(trainer, "autoclip", q=2.0)
+        # Bad methods and options: the bad-input table (tests/unit/test_bad_inputs.py).
         assert trainer.args.max_grad_norm == 1.0
         assert "prepare" not in trainer.accelerator.__dict__
         given = distclip.AutoClippedOptimizer(torch.optim.SGD)

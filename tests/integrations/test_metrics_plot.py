@@ -22,9 +22,10 @@ import pytest
 import torch
 
 import distclip
-from distclip.clippers.stats import RECORD_FIELDS, ClipStats
-from distclip.integrations import metrics as metrics_module
+from distclip import ClipStats
 from distclip.plot import LOG_SCALE_SPAN, main, plot_metrics, save_plot
+from tests.support.internals import RECORD_FIELDS
+from tests.support.internals import metrics as metrics_module
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The clipped-step marker's colour in distclip.plot, as RGB in [0, 1].

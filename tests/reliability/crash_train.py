@@ -5,9 +5,10 @@ Run by ``test_resume_crash.py`` under torchrun, on CPU with gloo::
     python -m torch.distributed.run --standalone --nproc-per-node 2 --max-restarts 1 \\
         tests/reliability/crash_train.py --out DIR --steps 16 --ckpt-every 4 --kill-at 10
 
-What it does (see ``resume_problem`` for the model, the data and the optimizer):
+What it does (the ``RESUME`` problem of ``tests.support.problem``: the model, the data
+and the optimizer):
 
-* builds the MLP, ``fully_shard``-s it (FSDP2 on a 1-D CPU mesh) and makes
+* builds the MLP as the ``fsdp2`` layout (``fully_shard`` on a 1-D CPU mesh) and makes
   ``AutoClippedOptimizer(torch.optim.AdamW, q=0.3, window=6)``;
 * if ``DIR/ckpt`` holds a complete checkpoint, loads the latest one
   (``get_state_dict`` / ``dcp.load`` / ``set_state_dict``) and continues from the step
@@ -31,7 +32,6 @@ The process leaves with ``os._exit`` after destroying its process group in
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import signal
@@ -42,22 +42,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from resume_problem import (
-    MODEL_SEED,
-    full_params,
-    make_model,
-    make_optimizer,
-    shard_fsdp2,
-    train_step,
-    window_num_seen,
-    window_of,
-)
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.distributed_c10d import PrefixStore
 from torch.distributed.rendezvous import rendezvous
+
+from tests.support import layouts
+from tests.support.harness import leave
+from tests.support.problem import RESUME
+from tests.support.training import problem_optimizer, train_step, window_num_seen, window_of
 
 #: Written by rank 0 into a checkpoint's directory once every rank has saved it.
 COMPLETE = "COMPLETE"
@@ -144,9 +139,9 @@ def train(args: argparse.Namespace) -> None:
     ckpt_root.mkdir(parents=True, exist_ok=True)
 
     # A restarted worker starts from other weights: only the checkpoint can repair that.
-    model = make_model(MODEL_SEED + 7919 * attempt)
-    shard_fsdp2(model)
-    optimizer = make_optimizer(model.parameters())
+    prepared = layouts.build(RESUME, "fsdp2", seed=RESUME.model_seed + 7919 * attempt)
+    model = prepared.module
+    optimizer, _ = problem_optimizer(RESUME, prepared.params)
 
     start = 0
     latest = latest_checkpoint(ckpt_root)
@@ -159,13 +154,13 @@ def train(args: argparse.Namespace) -> None:
         for step in range(start, args.steps):
             if attempt == 0 and step == args.kill_at and rank == args.kill_rank:
                 die(out, rank, step, attempt)
-            floats = train_step(model, optimizer, step, rank, world_size)
+            floats = train_step(prepared, optimizer, step)
             log.write(json.dumps({**floats, "attempt": attempt, "data_step": step}) + "\n")
             log.flush()  # survives a SIGKILL: the bytes are the kernel's now
             if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
                 save_checkpoint(model, optimizer, step + 1, ckpt_root)
 
-    params = full_params(model)  # a collective: every rank gathers
+    params = prepared.full_params()  # a collective: every rank gathers
     result = {
         "rank": rank,
         "world_size": world_size,
@@ -212,16 +207,7 @@ def main() -> None:
         traceback.print_exc()
         code = 1
     finally:
-        try:
-            gc.collect()
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except BaseException:
-            traceback.print_exc()
-            code = code or 2
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        leave(code)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 * :func:`load_and_continue`: a fresh model (another seed) and optimizer, the
   checkpoint loaded through ``get_state_dict`` / ``dcp.load`` / ``set_state_dict``,
   then the same later steps. FSDP2 over the current group (any world size), or a
-  plain, unsharded model in a process with no process group at all.
+  plain, unsharded model in a process with no process group at all (the ``fsdp2``
+  and ``single`` layouts of the ``RESUME`` problem).
 
 Nothing here asserts: the functions return plain tensors and numbers.
 """
@@ -18,19 +19,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from resume_problem import (
-    STAT_FIELDS,
-    full_params,
-    make_model,
-    make_optimizer,
-    shard_fsdp2,
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from tests.support import layouts
+from tests.support.problem import RESUME
+from tests.support.training import (
+    STATS_FIELDS,
+    problem_optimizer,
     train_step,
     window_num_seen,
     window_of,
 )
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 #: The model seed of a resumed run: not the saved run's, so only the checkpoint can
 #: make the runs agree.
@@ -46,7 +47,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 def _stack(records: list[dict[str, float]]) -> dict[str, torch.Tensor]:
     """Per-step clip numbers as float64 tensors by field (``step``: the clipper's count)."""
-    fields = (*STAT_FIELDS, "step")
+    fields = (*STATS_FIELDS, "step")
     return {name: torch.tensor([r[name] for r in records], dtype=torch.float64) for name in fields}
 
 
@@ -56,18 +57,16 @@ def train_save_continue(directory: str, save_after: int, total: int) -> dict[str
     Returns the clip numbers before and after the save, the window (and its count)
     at the save and at the end, and the full parameters at the end.
     """
-    rank, world_size = _rank_and_world()
-    model = make_model()
-    shard_fsdp2(model)
-    optimizer = make_optimizer(model.parameters())
-    before = [train_step(model, optimizer, step, rank, world_size) for step in range(save_after)]
+    _, world_size = _rank_and_world()
+    prepared = layouts.build(RESUME, "fsdp2")
+    model = prepared.module
+    optimizer, _ = problem_optimizer(RESUME, prepared.params)
+    before = [train_step(prepared, optimizer, step) for step in range(save_after)]
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp_save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
     del model_state, optim_state
     saved_window, saved_num_seen = window_of(optimizer), window_num_seen(optimizer)
-    later = [
-        train_step(model, optimizer, step, rank, world_size) for step in range(save_after, total)
-    ]
+    later = [train_step(prepared, optimizer, step) for step in range(save_after, total)]
     result = {
         "world_size": world_size,
         "before": _stack(before),
@@ -76,9 +75,9 @@ def train_save_continue(directory: str, save_after: int, total: int) -> dict[str
         "saved_num_seen": saved_num_seen,
         "final_window": window_of(optimizer),
         "final_num_seen": window_num_seen(optimizer),
-        "params": full_params(model),
+        "params": prepared.full_params(),
     }
-    del model, optimizer
+    del model, optimizer, prepared
     return result
 
 
@@ -90,11 +89,10 @@ def load_and_continue(directory: str, start: int, total: int, *, shard: bool) ->
     optimizer held right after the load (window, count) and the later steps' clip
     numbers, final window and full parameters.
     """
-    rank, world_size = _rank_and_world()
-    model = make_model(OTHER_SEED)
-    if shard:
-        shard_fsdp2(model)
-    optimizer = make_optimizer(model.parameters())
+    _, world_size = _rank_and_world()
+    prepared = layouts.build(RESUME, "fsdp2" if shard else "single", seed=OTHER_SEED)
+    model = prepared.module
+    optimizer, _ = problem_optimizer(RESUME, prepared.params)
     model_state, optim_state = get_state_dict(model, optimizer)
     fresh_num_seen = window_num_seen(optimizer)
     state: dict[str, Any] = {"model": model_state, "optim": optim_state}
@@ -104,7 +102,7 @@ def load_and_continue(directory: str, start: int, total: int, *, shard: bool) ->
     )
     del state, model_state, optim_state
     loaded_window, loaded_num_seen = window_of(optimizer), window_num_seen(optimizer)
-    later = [train_step(model, optimizer, step, rank, world_size) for step in range(start, total)]
+    later = [train_step(prepared, optimizer, step) for step in range(start, total)]
     result = {
         "world_size": world_size,
         "sharded": shard,
@@ -114,7 +112,7 @@ def load_and_continue(directory: str, start: int, total: int, *, shard: bool) ->
         "later": _stack(later),
         "final_window": window_of(optimizer),
         "final_num_seen": window_num_seen(optimizer),
-        "params": full_params(model),
+        "params": prepared.full_params(),
     }
-    del model, optimizer
+    del model, optimizer, prepared
     return result

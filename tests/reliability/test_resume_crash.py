@@ -1,6 +1,6 @@
 """A worker SIGKILLed mid-run, torchrun restarts the job, it resumes from a DCP checkpoint.
 
-``crash_train.py`` trains a small FSDP2 model on 2 gloo ranks with
+``crash_train.py`` trains the ``RESUME`` problem's FSDP2 model on 2 gloo ranks with
 ``AutoClippedOptimizer(torch.optim.AdamW)`` and saves a DCP checkpoint after every
 ``CKPT_EVERY`` steps. It runs twice under ``torchrun --max-restarts 1``:
 
@@ -33,6 +33,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.support.problem import RESUME
+
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(150)]
 
 HERE = Path(__file__).resolve().parent
@@ -42,7 +44,7 @@ STEPS = 16
 CKPT_EVERY = 4
 KILL_AT = 10
 KILL_RANK = 1
-WINDOW = 6  # resume_problem.AUTOCLIP["window"]
+WINDOW = RESUME.options["window"]
 #: The checkpoint the restarted job resumes from: the last one before the kill.
 RESUME_STEP = KILL_AT // CKPT_EVERY * CKPT_EVERY
 #: Wall-clock limit of one torchrun job (its process group is killed after it).

@@ -21,7 +21,6 @@ ranks agree bit for bit among themselves.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,10 @@ from typing import Any
 import pytest
 import torch
 
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE), str(_HERE.parent / "distributed")):
-    if _path not in sys.path:  # the workers import these modules by name
-        sys.path.insert(0, _path)
-
-import resume_reshard_workers as workers  # noqa: E402
-from harness import ProcessGroupHarness  # noqa: E402
-from resume_problem import AUTOCLIP  # noqa: E402
+from tests.reliability import resume_reshard_workers as workers
+from tests.support.compare import max_rel_error, max_scaled_error
+from tests.support.harness import ProcessGroupHarness
+from tests.support.problem import RESUME
 
 pytestmark = [
     pytest.mark.distributed,
@@ -52,39 +47,15 @@ RTOL = 1e-5
 CALL_TIMEOUT = 60.0
 
 
-def _max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``max |actual - expected| / |expected|`` over the elements, in float64.
-
-    For series of scalars (per-step norms, thresholds, the window), where every
-    element is a quantity of its own.
-    """
-    a, e = actual.double(), expected.double()
-    scale = e.abs().clamp(min=torch.finfo(torch.float32).tiny)
-    return float(((a - e).abs() / scale).max()) if e.numel() else 0.0
-
-
-def _tensor_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``max |actual - expected| / max |expected|``: relative to the tensor's scale.
-
-    For parameters: an element near zero (AdamW moves every coordinate by about
-    ``lr``, whatever its gradient) has no meaningful relative error of its own.
-    """
-    a, e = actual.double(), expected.double()
-    if not e.numel():
-        return 0.0
-    scale = e.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
-    return float((a - e).abs().max() / scale)
-
-
 def _compare(resumed: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
     """Max relative errors of ``resumed`` against the 4-rank reference, by quantity."""
     errors = {
-        f"later.{name}": _max_rel_error(resumed["later"][name], reference["later"][name])
+        f"later.{name}": max_rel_error(resumed["later"][name], reference["later"][name])
         for name in ("total_norm", "threshold", "clip_coef")
     }
-    errors["final_window"] = _max_rel_error(resumed["final_window"], reference["final_window"])
+    errors["final_window"] = max_rel_error(resumed["final_window"], reference["final_window"])
     for name, value in reference["params"].items():
-        errors[f"params.{name}"] = _tensor_rel_error(resumed["params"][name], value)
+        errors[f"params.{name}"] = max_scaled_error(resumed["params"][name], value)
     return errors
 
 
@@ -136,8 +107,8 @@ def test_resume_reshard_4_to_2_and_1(tmp_path: Path) -> None:
     assert bool((reference["before"]["clip_coef"] < 1).any())
     assert bool((reference["later"]["clip_coef"] < 0.5).any())
     # The saved window has wrapped around its ring buffer.
-    assert reference["saved_num_seen"] == SAVE_AFTER > AUTOCLIP["window"]
-    assert reference["saved_window"].numel() == AUTOCLIP["window"]
+    assert reference["saved_num_seen"] == SAVE_AFTER > RESUME.options["window"]
+    assert reference["saved_window"].numel() == RESUME.options["window"]
 
     report: dict[str, dict[str, float]] = {}
     for label, resumed in (("2 ranks", two[0]), ("1 process", one)):
@@ -164,7 +135,7 @@ def test_resume_reshard_4_to_2_and_1(tmp_path: Path) -> None:
     # (a coordinate near zero has none worth the name; see _tensor_rel_error).
     elementwise = {
         label: max(
-            _max_rel_error(resumed["params"][name], value)
+            max_rel_error(resumed["params"][name], value)
             for name, value in reference["params"].items()
         )
         for label, resumed in (("2 ranks", two[0]), ("1 process", one))

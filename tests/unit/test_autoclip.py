@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import distclip
-from tests.reference import EPS, SlowAutoClip, norm_of
+from tests.support.reference import EPS, SlowAutoClip, norm_of
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import distclip
-from tests.reference import norm_of
+from tests.support.reference import norm_of
 
 INF, NAN = math.inf, math.nan
 

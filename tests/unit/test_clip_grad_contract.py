@@ -17,8 +17,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import distclip
-from distclip.integrations.deepspeed import parse_section
-from tests.reference import norm_of
+from tests.support import internals
+from tests.support.internals import parse_deepspeed_section
+from tests.support.reference import norm_of
 
 EVERY_NORM_TYPE = [2.0, 1, "3", 0.5, 0, -1.0, "-2.5", "inf", "-inf", math.inf, -math.inf]
 
@@ -143,12 +144,10 @@ def test_bad_input_is_a_typed_error_before_anything_changes(
 
 
 def test_foreach_true_on_a_device_without_foreach_is_an_error() -> None:
-    from distclip.functional._grouping import use_foreach
-
     with pytest.raises(RuntimeError, match="foreach=True was passed, but can't use the foreach"):
-        use_foreach(torch.device("meta"), True)
-    assert use_foreach(torch.device("cpu"), None) is True
-    assert use_foreach(torch.device("meta"), False) is False
+        internals.use_foreach(torch.device("meta"), True)
+    assert internals.use_foreach(torch.device("cpu"), None) is True
+    assert internals.use_foreach(torch.device("meta"), False) is False
 
 
 def test_bounds_at_the_edges_of_their_range() -> None:
@@ -223,15 +222,15 @@ def test_every_entry_point_refuses_a_bad_norm_type_alike(bad: Any, error: type) 
             call()
         assert str(caught.value) == message
     with pytest.raises(error) as caught:
-        parse_section({"method": "norm", "norm_type": bad})
+        parse_deepspeed_section({"method": "norm", "norm_type": bad})
     assert str(caught.value).endswith(message)
 
 
 def test_deepspeed_config_reads_norm_types_as_torch_does() -> None:
     """JSON has no inf: ``"inf"`` is read, and refused because DeepSpeed's norm is L2."""
-    assert parse_section({"method": "norm", "norm_type": "2"}).config.norm_type == 2.0
+    assert parse_deepspeed_section({"method": "norm", "norm_type": "2"}).config.norm_type == 2.0
     with pytest.raises(ValueError, match=r"norm_type must be 2 under DeepSpeed .* got inf"):
-        parse_section({"method": "norm", "norm_type": "inf"})
+        parse_deepspeed_section({"method": "norm", "norm_type": "inf"})
 
 
 def test_nonfinite_error_is_one_class_with_torchs_wording() -> None:
@@ -285,4 +284,4 @@ def test_mark_layout_needs_process_groups() -> None:
         distclip.mark_layout(param, replicated_over="dp")
     with pytest.raises(RuntimeError, match=r"needs torch\.distributed to be initialised"):
         distclip.mark_layout(param)
-    assert distclip.reduction.get_layout(param) is None
+    assert internals.get_layout(param) is None

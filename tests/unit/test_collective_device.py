@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from distclip.reduction import collectives
+from tests.support.internals import collectives
 
 
 @pytest.mark.parametrize(

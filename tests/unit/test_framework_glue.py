@@ -22,8 +22,7 @@ import pytest
 import torch
 
 import distclip
-from distclip.integrations import frameworks
-from distclip.integrations.wrappers import ENGINE_ADAPTER_ATTR, LastClipMirrors
+from tests.support.internals import frameworks, wrappers
 
 
 def _model() -> torch.nn.Module:
@@ -73,7 +72,7 @@ def test_last_clip_is_mirrored_onto_the_wrappers_that_step_the_optimizer() -> No
 def test_mirrors_hold_wrappers_weakly_skip_class_attributes_and_are_not_pickled() -> None:
     model = _model()
     optimizer = distclip.AutoClippedOptimizer(torch.optim.SGD, window=3)(model.parameters(), lr=0.1)
-    mirrors = LastClipMirrors()
+    mirrors = wrappers.LastClipMirrors()
     kept, dropped = _OptimizerWrapper(optimizer), _OptimizerWrapper(optimizer)
     fixed = type("Fixed", (_OptimizerWrapper,), {"last_clip": "mine"})(optimizer)
     for wrapper in (kept, dropped, fixed, kept):
@@ -130,7 +129,7 @@ def test_attach_refuses_accelerates_deepspeed_wrapper_and_get_clipper_finds_the_
     assert "_distclip" not in torch_optimizer.__dict__
     clipper = distclip.make_clipper("autoclip", model.parameters())
     adapter = types.SimpleNamespace(clipper=clipper)
-    torch_optimizer.__dict__[ENGINE_ADAPTER_ATTR] = adapter  # what the engine adapter sets
+    torch_optimizer.__dict__[wrappers.ENGINE_ADAPTER_ATTR] = adapter  # what the engine adapter sets
     engine = types.SimpleNamespace(optimizer=hf_wrapper)
     assert distclip.get_clipper(hf_wrapper) is clipper
     assert distclip.get_clipper(engine) is clipper

@@ -19,7 +19,7 @@ from distclip.functional import (
     skip_aware_coefficient,
     validate_norm_type,
 )
-from tests.reference import norm_of
+from tests.support.reference import norm_of
 
 CPU = torch.device("cpu")
 

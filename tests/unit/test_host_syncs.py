@@ -1,6 +1,6 @@
 """What a step asks of the host: reads of device values and tensors built from host data.
 
-Counted with ``tests/op_probe.py``: ``aten._local_scalar_dense`` (``.item()``,
+Counted with ``tests/support/op_probe.py``: ``aten._local_scalar_dense`` (``.item()``,
 ``float(t)``, ``bool(t)``, a Python branch on a tensor), ``Tensor.tolist`` /
 ``Tensor.numpy`` (host reads), and ``aten.lift_fresh`` (``torch.tensor([...])``: on a
 GPU a blocking host-to-device copy). After the first step, a step of every method and
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import distclip
-from tests.op_probe import StepCounts, probe
-from tests.reference import CLIPPING_OPTIONS
+from tests.support.methods import CLIPPING_OPTIONS
+from tests.support.op_probe import StepCounts, probe
 
 
 def _model(num_layers: int = 2, width: int = 8) -> torch.nn.Module:

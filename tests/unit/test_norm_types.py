@@ -22,7 +22,7 @@ from distclip.functional import (
     reduce_op,
     tensor_powsums,
 )
-from tests.reference import norm_of
+from tests.support.reference import norm_of
 
 CPU = torch.device("cpu")
 #: One norm type per reduction and the corner cases of each: (p, reduce op).

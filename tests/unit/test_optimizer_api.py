@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import distclip
-from tests.reference import SlowAutoClip, norm_of
+from tests.support.reference import SlowAutoClip, norm_of
 
 FLAVOURS = [
     (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),

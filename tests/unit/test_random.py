@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distclip.functional import step_uniform
-from tests.op_probe import probe
+from tests.support.op_probe import probe
 
 PRIME = (1 << 31) - 1
 

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distclip.window import NormWindow
-from tests.reference import SlowAutoClip
+from tests.support.internals import NormWindow
+from tests.support.reference import SlowAutoClip
 
 norms = st.one_of(
     st.floats(min_value=0.0, max_value=1e4, allow_nan=False, width=32),

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 import distclip
-from distclip.clippers.stats import RECORD_FIELDS
-from distclip.integrations import frameworks
-from distclip.integrations.binding import STATE_KEY
-from tests.reference import SlowAutoClip
+from tests.support.internals import RECORD_FIELDS, STATE_KEY, frameworks
+from tests.support.reference import SlowAutoClip
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

@@ -5,6 +5,13 @@ environment variables (``ACCELERATE_USE_DEEPSPEED`` and the rank variables), HF'
 global DeepSpeed config. :func:`framework_run` gives each run a clean slate and puts
 everything back afterwards, so that one long-lived worker can run DDP, then DeepSpeed,
 then DDP again.
+
+The frameworks train the ``INTEGRATIONS`` problem as their loops expect it:
+:class:`IndexedData` (sample ``i`` a dict of features, target and index) and
+:class:`TinyNet` (the problem's MLP; ``forward`` returns ``{"loss": mse}`` and records
+the sample indices of every forward pass, so that a test knows exactly which samples
+each rank trained on at each step, whatever order the framework's sampler chose).
+Nothing here imports a framework at import time.
 """
 
 from __future__ import annotations
@@ -17,9 +24,53 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
-_DEEPSPEED_READY = False
+from tests.support.deepspeed_env import import_deepspeed
+from tests.support.problem import INTEGRATIONS
+from tests.support.training import flat_params
+
+#: Samples per device and step in the framework runs.
+BATCH = 4
+#: The method, its options and the learning rate of the framework runs.
+METHOD = INTEGRATIONS.method
+OPTIONS = INTEGRATIONS.options
+LR = INTEGRATIONS.optimizer_kwargs["lr"]
+
+
+def sample(index: int) -> tuple[Tensor, Tensor]:
+    """Sample ``index``: features and a target whose scale varies (1 to 5)."""
+    x, y = INTEGRATIONS.micro_batch(index)
+    return x[0], y[0]
+
+
+class IndexedData(torch.utils.data.Dataset[dict[str, Tensor]]):
+    """``NUM_SAMPLES`` samples as the dicts HF Trainer and Accelerate loops expect."""
+
+    NUM_SAMPLES = 256
+
+    def __len__(self) -> int:
+        return self.NUM_SAMPLES
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        x, y = sample(index)
+        return {"x": x, "y": y, "idx": torch.tensor(index)}
+
+
+class TinyNet(nn.Module):
+    """The problem's MLP; ``forward`` returns ``{"loss": mse}`` and records the sample indices."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.net = INTEGRATIONS.model(seed)
+        self.seen: list[list[int]] = []
+
+    def forward(self, x: Tensor, y: Tensor, idx: Tensor) -> dict[str, Tensor]:
+        if self.training:
+            self.seen.append([int(i) for i in idx.reshape(-1)])
+        return {"loss": nn.functional.mse_loss(self.net(x.float()), y.float())}
 
 
 def _rank_env() -> dict[str, str]:
@@ -38,23 +89,11 @@ def _rank_env() -> dict[str, str]:
     }
 
 
-def setup_deepspeed() -> Any:
-    """Import DeepSpeed for CPU/gloo in this process (once): shm op off, quiet logs."""
-    global _DEEPSPEED_READY
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
-
-    if not _DEEPSPEED_READY:
-        # Without this every initialize compiles the shared-memory op (tens of seconds).
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.utils.logger.setLevel(logging.ERROR)
-        _DEEPSPEED_READY = True
-    return deepspeed
-
-
-def quiet_frameworks() -> None:
+def quiet_frameworks(
+    loggers: tuple[str, ...] = ("transformers", "accelerate", "deepspeed", "torch.distributed"),
+) -> None:
     """Framework logs at error level, deprecation and user warnings off (test output)."""
-    for name in ("transformers", "accelerate", "deepspeed", "torch.distributed"):
+    for name in loggers:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -81,7 +120,7 @@ def framework_run(*, deepspeed: bool = False) -> Iterator[None]:
     saved = dict(os.environ)
     os.environ.update(_rank_env())
     if deepspeed:
-        setup_deepspeed()
+        import_deepspeed()
     quiet_frameworks()
     reset_frameworks()
     try:
@@ -116,9 +155,6 @@ def full_params(module: Any, *, deepspeed: bool) -> Any:
 
     Under DeepSpeed every rank must call it: gathering a ZeRO-3 parameter is a collective.
     """
-    import torch
-    from integ_setup import flat_params
-
     if not deepspeed:
         return flat_params(module)
     from deepspeed.utils import safe_get_full_fp32_param

@@ -1,13 +1,13 @@
-"""A hand-sharded layout: Megatron-style tensor parallelism on plain tensors.
+"""The ``hand_tp`` layout: Megatron-style tensor parallelism on plain tensors.
 
-The ``layouts_setup.MLP``'s ``fc1`` is column parallel (each tensor-parallel rank
-holds a block of its output rows and bias) and ``fc2`` row parallel (a block of its
-input columns; its bias whole); the partial outputs of ``fc2`` are summed over the
-tensor-parallel group in the forward (the backward passes the gradient through, as
-Megatron's ``reduce_from_tensor_model_parallel_region``). Nothing here is a DTensor:
-distclip can only know the layout because it is told, with
-:func:`distclip.mark_layout`. ``fc3`` and ``out`` are replicated plain tensors, or
-with ``mixed=True`` FSDP2 DTensors over the data-parallel dimension.
+The layouts MLP's ``fc1`` is column parallel (each tensor-parallel rank holds a block
+of its output rows and bias) and ``fc2`` row parallel (a block of its input columns;
+its bias whole); the partial outputs of ``fc2`` are summed over the tensor-parallel
+group in the forward (the backward passes the gradient through, as Megatron's
+``reduce_from_tensor_model_parallel_region``). Nothing here is a DTensor: distclip can
+only know the layout because it is told, with :func:`distclip.mark_layout`. ``fc3`` and
+``out`` are replicated plain tensors, or with ``mixed=True`` FSDP2 DTensors over the
+data-parallel dimension.
 
 On 2 ranks the tensor-parallel group is the world; on 4 a ``("dp", "tp")`` 2 x 2
 mesh, and the gradients of the hand-sharded tensors are averaged over the
@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from layouts_build import Prepared, _gather_named, _local_numel
-from layouts_setup import batch_slice, loss_fn, make_model
 from torch import Tensor, nn
 
 import distclip
+from tests.support.layouts import Prepared, gather_named, layout, local_numel, make_model, mesh_2x2
+from tests.support.problem import Problem
 
 #: The parameters split across the tensor-parallel group, and along which dimension.
 SPLIT_DIM = {"fc1.weight": 0, "fc1.bias": 0, "fc2.weight": 1}
@@ -77,23 +77,23 @@ def _gather_split(tensor: Tensor, dim: int, group: Any) -> Tensor:
     return torch.cat(pieces, dim=dim)
 
 
-def hand_tp(spec: dict[str, Any]) -> Prepared:
+@layout("hand_tp")
+def hand_tp(problem: Problem, *, mixed: bool = False, **options: Any) -> Prepared:
     """Build the hand-sharded layout and mark it (``mixed``: FSDP2 on ``fc3`` and ``out``)."""
-    from torch.distributed.device_mesh import init_device_mesh
 
     if dist.get_world_size() == 2:
         tp_group, dp_group, dp_mesh, data = dist.group.WORLD, None, None, (0, 1)
     else:
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        mesh = mesh_2x2(("dp", "tp"))
         tp_group, dp_group, dp_mesh = mesh["tp"].get_group(), mesh["dp"].get_group(), mesh["dp"]
         data = (mesh.get_local_rank("dp"), 2)
-    module = HandTP(make_model("mlp"), tp_group)
+    module = HandTP(make_model(problem, **options), tp_group)
     by_hand = [module.fc1.weight, module.fc1.bias, module.fc2.weight]
     distclip.mark_layout(by_hand, sharded_over=tp_group, replicated_over=dp_group)
     replicated = [g for g in (tp_group, dp_group) if g is not None]
     distclip.mark_layout(module.fc2.bias, replicated_over=replicated)
     averaged = [*by_hand, module.fc2.bias]
-    if spec.get("mixed"):
+    if mixed:
         from torch.distributed.fsdp import fully_shard
 
         for layer in (module.fc3, module.out):
@@ -101,28 +101,29 @@ def hand_tp(spec: dict[str, Any]) -> Prepared:
     else:
         averaged += [*module.fc3.parameters(), *module.out.parameters()]
 
-    def backward(step: int) -> None:
-        x, y = batch_slice(step, *data)
-        loss_fn(module(x), y).backward()
+    def average_over_dp() -> None:
         if dp_group is not None:  # what DDP would do for the plain tensors
             for p in averaged:
                 dist.all_reduce(p.grad, group=dp_group)
                 p.grad.div_(dist.get_world_size(dp_group))
 
     def full(what: str) -> dict[str, Tensor]:
-        out = _gather_named(module, what)
+        out = gather_named(module, what)
         for name, dim in SPLIT_DIM.items():
             out[name] = _gather_split(out[name], dim, tp_group)
         return out
 
     return Prepared(
+        problem=problem,
         module=module,
+        inner=module,
         params=list(module.parameters()),
-        backward=backward,
+        data=data,
         full_params=lambda: full("params"),
         full_grads=lambda: full("grads"),
+        post_backward=average_over_dp,
         info={
             "data": data,
-            "local_numel": {n: _local_numel(p) for n, p in module.named_parameters()},
+            "local_numel": {n: local_numel(p) for n, p in module.named_parameters()},
         },
     )

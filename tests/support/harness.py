@@ -2,8 +2,8 @@
 
 Starting processes (and importing torch in each) is the expensive part of a
 distributed test on a small machine, so a :class:`ProcessGroupHarness` starts its
-workers once (see the module-scoped fixtures in ``conftest.py``) and then runs any
-number of functions in them::
+workers once (see the fixtures in ``tests/conftest.py``) and then runs any number of
+functions in them::
 
     with ProcessGroupHarness(world_size=2) as group:
         per_rank = group.run(workers_ddp.train, spec)   # [rank 0's result, rank 1's]
@@ -29,30 +29,24 @@ How it works:
 * workers never outlive this process: they die with it (``PR_SET_PDEATHSIG`` on
   Linux), stop when their pipe closes, and an ``atexit`` hook kills any left over.
 
-This module imports torch only inside functions, so that a worker can set
-``OMP_NUM_THREADS`` and friends before its first ``import torch``.
+The worker side is ``harness_worker``. Both import torch only inside functions, so
+that a worker can set ``OMP_NUM_THREADS`` and friends before its first ``import torch``.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import gc
-import importlib
 import itertools
 import os
 import pickle
-import signal
-import sys
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from typing import Any
+
+from tests.support.harness_worker import HOST, RemoteError, leave, worker_main
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -60,6 +54,7 @@ __all__ = [
     "ProcessGroupHarness",
     "RemoteError",
     "WorkerError",
+    "leave",
 ]
 
 #: Seconds a :meth:`ProcessGroupHarness.run` may take before the group is declared hung.
@@ -74,22 +69,6 @@ WORKER_ENV = {
     # are on this machine, so loopback is the one that always works.
     "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
 }
-
-_HOST = "127.0.0.1"
-_PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class RemoteError:
-    """An exception raised by a function on one rank, as it arrives here."""
-
-    rank: int
-    type_name: str
-    message: str
-    traceback: str
-
-    def __str__(self) -> str:
-        return f"rank {self.rank}: {self.type_name}: {self.message}\n{self.traceback}"
 
 
 class WorkerError(RuntimeError):
@@ -106,111 +85,6 @@ class WorkerError(RuntimeError):
 
 class GroupTimeoutError(WorkerError):
     """Some rank did not answer within the deadline (a hung collective, usually)."""
-
-
-# --------------------------------------------------------------------------- worker side
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when the parent dies; exit if it already has."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # pragma: no cover - exotic libc
-            pass
-    if os.getppid() != parent_pid:
-        os._exit(3)
-
-
-def _resolve(module_name: str, qualname: str) -> Callable[..., Any]:
-    target: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        target = getattr(target, part)
-    return target  # type: ignore[no-any-return]
-
-
-def _describe(rank: int, exc: BaseException) -> RemoteError:
-    return RemoteError(
-        rank=rank,
-        type_name=f"{type(exc).__module__}.{type(exc).__qualname__}",
-        message=str(exc),
-        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-    )
-
-
-def _serve(conn: Connection, rank: int) -> None:
-    """Run calls until told to stop (or until the parent's end of the pipe closes)."""
-    while True:
-        try:
-            message = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            return
-        if message[0] == "stop":
-            return
-        _, call_id, module_name, qualname, args, kwargs = message
-        try:
-            value = _resolve(module_name, qualname)(*args, **kwargs)
-            payload = pickle.dumps(("ok", call_id, value))
-        except BaseException as exc:
-            payload = pickle.dumps(("error", call_id, _describe(rank, exc)))
-        # Drop every reference the call left (models, optimizers) before waiting.
-        message = args = kwargs = value = None
-        conn.send_bytes(payload)
-        del payload
-
-
-def _worker_main(
-    rank: int,
-    world_size: int,
-    port: int,
-    backend: str,
-    conn: Connection,
-    parent_pid: int,
-    env: dict[str, str],
-    collective_timeout_s: float,
-) -> None:
-    """Entry point of one rank: join the group, serve calls, leave cleanly."""
-    _die_with_parent(parent_pid)
-    # The parent handles Ctrl-C and stops (or kills) the workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ.update(env)
-    exit_code = 0
-    try:
-        import torch
-        import torch.distributed as dist
-
-        torch.set_num_threads(1)
-        store = dist.TCPStore(
-            _HOST, port, is_master=False, timeout=timedelta(seconds=collective_timeout_s)
-        )
-        dist.init_process_group(
-            backend,
-            store=store,
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=collective_timeout_s),
-        )
-        del store
-        conn.send_bytes(pickle.dumps(("ready", rank, None)))
-        _serve(conn, rank)
-    except BaseException as exc:
-        exit_code = 1
-        try:
-            conn.send_bytes(pickle.dumps(("fatal", rank, _describe(rank, exc))))
-        except Exception:
-            traceback.print_exc()
-    finally:
-        try:
-            gc.collect()
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        except BaseException:
-            traceback.print_exc()
-            exit_code = exit_code or 2
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
 
 
 # --------------------------------------------------------------------------- parent side
@@ -293,13 +167,13 @@ class ProcessGroupHarness:
         self.exitcodes = None
         self.starts += 1
         # This process serves the rendezvous store on a port the OS chooses: no race.
-        self._store = dist.TCPStore(_HOST, 0, is_master=True, wait_for_workers=False)
+        self._store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False)
         port = self._store.port
         _LIVE.add(self)
         for rank in range(self.world_size):
             parent_end, child_end = ctx.Pipe(duplex=True)
             process = ctx.Process(
-                target=_worker_main,
+                target=worker_main,
                 args=(
                     rank,
                     self.world_size,
