@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+import signal
 import time
 
 import pytest
@@ -9,7 +11,12 @@ import torch
 
 from tests.distributed import workers_ddp, workers_harness
 from tests.distributed.workers_ddp import make_spec
-from tests.support.harness import GroupTimeoutError, ProcessGroupHarness, WorkerError
+from tests.support.harness import (
+    GroupTimeoutError,
+    ProcessGroupHarness,
+    WorkerCrashError,
+    WorkerError,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -99,3 +106,30 @@ def test_dead_worker_is_reported(group2: ProcessGroupHarness) -> None:
     assert time.monotonic() - started < 60.0
     assert group2.broken
     assert group2.exitcodes == [-9, 7]
+
+
+def test_native_crash_is_rerun_once_on_a_fresh_group(
+    group2: ProcessGroupHarness, tmp_path: pathlib.Path
+) -> None:
+    """A rank killed by SIGABRT (what glibc does on a corrupt heap) has the call rerun
+    on a fresh group, with a warning that names the crash; the rerun's result is what
+    the test sees."""
+    group2.run(workers_harness.rank_info)
+    starts, reports = group2.starts, len(group2.crash_reports)
+    with pytest.warns(RuntimeWarning, match=r"rank 1 died .*killed by SIGABRT.*rerunning"):
+        ranks = group2.run(workers_harness.abort_once_on, 1, str(tmp_path / "crashed"))
+    assert ranks == [0, 1]
+    assert group2.starts == starts + 1
+    assert len(group2.crash_reports) == reports + 1
+    assert group2.running
+
+
+def test_native_crash_twice_fails(group2: ProcessGroupHarness) -> None:
+    """A call that crashes again on the rerun fails with the crash (never passes)."""
+    with (
+        pytest.warns(RuntimeWarning, match="rerunning"),
+        pytest.raises(WorkerCrashError, match=r"rank 0 died .*SIGABRT") as info,
+    ):
+        group2.run(workers_harness.abort_on, 0)
+    assert info.value.signal == signal.SIGABRT
+    assert group2.broken

@@ -43,3 +43,21 @@ def exit_on(rank: int, code: int) -> int:
     if dist.get_rank() == rank:
         os._exit(code)
     return dist.get_rank()
+
+
+def abort_once_on(rank: int, marker: str) -> int:
+    """``rank`` aborts (SIGABRT, as glibc does on a corrupt heap) unless ``marker``
+    exists, which it creates first: the first try crashes, a rerun passes."""
+    if dist.get_rank() == rank and not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os.abort()
+    dist.barrier()
+    return dist.get_rank()
+
+
+def abort_on(rank: int) -> int:
+    """``rank`` aborts every time."""
+    if dist.get_rank() == rank:
+        os.abort()
+    return dist.get_rank()

@@ -22,6 +22,10 @@ How it works:
   formatted traceback and is raised here as :class:`WorkerError`;
 * after a timeout or a dead worker the group is killed and marked broken; the next
   ``run`` starts a fresh group, so one failing test does not fail the rest;
+* a worker killed by a signal the harness did not send (SIGSEGV, or SIGABRT from
+  glibc's heap checks) died of a crash in native code underneath (torch, gloo: the
+  code under test is pure Python). Its stack goes to stderr (``faulthandler``) and the
+  call is rerun once on a fresh group, with a ``RuntimeWarning``; a second crash fails;
 * :meth:`ProcessGroupHarness.close` asks every worker to stop: the worker drops its
   references, calls ``dist.destroy_process_group()`` in ``finally:`` and leaves with
   ``os._exit`` (a gloo worker that runs the interpreter's normal shutdown can die of
@@ -40,7 +44,9 @@ import contextlib
 import itertools
 import os
 import pickle
+import signal
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
@@ -53,6 +59,7 @@ __all__ = [
     "GroupTimeoutError",
     "ProcessGroupHarness",
     "RemoteError",
+    "WorkerCrashError",
     "WorkerError",
     "leave",
 ]
@@ -87,6 +94,19 @@ class GroupTimeoutError(WorkerError):
     """Some rank did not answer within the deadline (a hung collective, usually)."""
 
 
+class WorkerCrashError(WorkerError):
+    """A worker was killed by a signal the harness did not send (a native crash).
+
+    distclip and the test workers are pure Python, so a SIGSEGV or a SIGABRT from
+    glibc's heap checks comes from native code underneath (torch, gloo). ``signal``
+    is the signal's number.
+    """
+
+    def __init__(self, message: str, signal: int, errors: list[RemoteError] | None = None):
+        self.signal = signal
+        super().__init__(message, errors)
+
+
 # --------------------------------------------------------------------------- parent side
 _LIVE: weakref.WeakSet[ProcessGroupHarness] = weakref.WeakSet()
 
@@ -111,6 +131,10 @@ class ProcessGroupHarness:
         error_grace: once a rank has raised, seconds to wait for the other ranks'
             answers (they are often stuck in a collective the failed rank never
             entered) before the group is killed.
+        crash_reruns: how many times :meth:`run` reruns a call, on a fresh group,
+            after a worker died of a native crash (:class:`WorkerCrashError`); each
+            rerun is reported with a ``RuntimeWarning``. Python errors, exits and
+            timeouts are never rerun.
     """
 
     def __init__(
@@ -122,6 +146,7 @@ class ProcessGroupHarness:
         start_timeout: float = DEFAULT_TIMEOUT,
         collective_timeout_s: float = 300.0,
         error_grace: float = 10.0,
+        crash_reruns: int = 1,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -131,6 +156,8 @@ class ProcessGroupHarness:
         self.start_timeout = start_timeout
         self.collective_timeout_s = collective_timeout_s
         self.error_grace = error_grace
+        self.crash_reruns = crash_reruns
+        self.crash_reports: list[str] = []
         self.starts = 0
         self.exitcodes: list[int | None] | None = None
         self._processes: list[Any] = []
@@ -246,9 +273,15 @@ class ProcessGroupHarness:
         ``fn`` must be importable by module path (a module-level function). Starts a
         fresh group if the last one broke.
 
+        A worker that dies of a native crash (:class:`WorkerCrashError`) has the call
+        rerun on a fresh group, up to ``crash_reruns`` times, each with a
+        ``RuntimeWarning`` (and a line in ``crash_reports``); the rerun must then pass
+        on its own.
+
         Raises:
             WorkerError: ``fn`` raised on some rank (every rank's traceback included)
                 or a worker died; the group is killed if it can no longer be trusted.
+            WorkerCrashError: a worker died of a native crash in every try.
             GroupTimeoutError: some rank did not answer within ``timeout`` seconds
                 (default: the harness's); the group is killed.
         """
@@ -259,6 +292,26 @@ class ProcessGroupHarness:
                 f"{fn!r} cannot be sent to a worker: use a module-level function of an "
                 "importable module"
             )
+        for rerun in itertools.count():
+            try:
+                return self._call(module_name, qualname, args, kwargs, timeout)
+            except WorkerCrashError as crash:
+                if rerun >= self.crash_reruns:
+                    raise
+                report = f"{crash.args[0]}; rerunning {module_name}.{qualname} on a fresh group"
+                self.crash_reports.append(report)
+                warnings.warn(report, RuntimeWarning, stacklevel=2)
+        raise AssertionError("unreachable")
+
+    def _call(
+        self,
+        module_name: str,
+        qualname: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+    ) -> list[Any]:
+        """One call on every rank (a fresh group first if the last one broke)."""
         if self._broken or not self._processes:
             if self._processes:
                 self.kill()
@@ -307,9 +360,16 @@ class ProcessGroupHarness:
                     self._processes[rank].join(10.0)  # a closed pipe: the rank is exiting
                     self._abort()
                     code = self.exitcodes[rank] if self.exitcodes else None
-                    raise WorkerError(
-                        f"rank {rank} died (exit code {code}) while expected to {what}", errors
-                    ) from exc
+                    message = f"rank {rank} died (exit code {code}) while expected to {what}"
+                    if code is not None and code < 0 and -code != signal.SIGKILL:
+                        name = signal.Signals(-code).name
+                        raise WorkerCrashError(
+                            f"{message}: killed by {name}, a native crash (its stack is "
+                            "in the captured stderr)",
+                            -code,
+                            errors,
+                        ) from exc
+                    raise WorkerError(message, errors) from exc
                 status = message[0]
                 if status == "fatal":
                     errors.append(message[2])

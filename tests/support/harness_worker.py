@@ -7,6 +7,7 @@ Imports torch only inside :func:`worker_main`, so that a worker can set
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import gc
 import importlib
 import os
@@ -84,8 +85,11 @@ def _serve(conn: Connection, rank: int) -> None:
             payload = pickle.dumps(("ok", call_id, value))
         except BaseException as exc:
             payload = pickle.dumps(("error", call_id, describe(rank, exc)))
-        # Drop every reference the call left (models, optimizers) before waiting.
+        # Drop every reference the call left (models, optimizers) and collect its
+        # reference cycles now, between calls, rather than at a random allocation of a
+        # later call (possibly while gloo threads are mid-collective).
         message = args = kwargs = value = None
+        gc.collect()
         conn.send_bytes(payload)
         del payload
 
@@ -102,6 +106,9 @@ def worker_main(
 ) -> None:
     """Entry point of one rank: join the group, serve calls, leave cleanly."""
     _die_with_parent(parent_pid)
+    # A native crash (SIGSEGV, SIGABRT from glibc's heap checks) prints every thread's
+    # Python stack to stderr before the process dies: the call that crashed is named.
+    faulthandler.enable(all_threads=True)
     # The parent handles Ctrl-C and stops (or kills) the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(env)
