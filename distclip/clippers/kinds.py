@@ -181,6 +181,19 @@ class PiecewiseClipper(Clipper):
         """The number reported as ``stats.threshold`` (the method's bound)."""
         raise NotImplementedError
 
+    def level_like(self, like: Tensor) -> Tensor:
+        """:meth:`level` as a 0-dim tensor of ``like``'s dtype and device, made once per
+        (device, dtype) rather than once per step: the reported threshold, and a divisor
+        for the methods whose factor is ``level / norm``. Never written to."""
+        levels: dict[tuple[torch.device, torch.dtype], Tensor]
+        levels = self.__dict__.setdefault("_levels", {})
+        key = (like.device, like.dtype)
+        level = levels.get(key)
+        if level is None:
+            level = torch.full((), self.level(), dtype=like.dtype, device=like.device)
+            levels[key] = level
+        return level
+
     def clip_units_(self, pieces: Pieces, finite: Tensor) -> Units:
         """Clip ``pieces`` in place, each unit by its own rule; the method's math.
 
@@ -207,7 +220,7 @@ class PiecewiseClipper(Clipper):
             units = self.clip_units_(pieces, finite)
             return self._finish_step(
                 total_norm,
-                torch.full_like(total_norm, self.level()),
+                self.level_like(total_norm),
                 self._one if units.smallest is None else units.smallest.to(total_norm.dtype),
                 skipped,
                 clipped=units.clipped if self.counts_clipped else None,
@@ -251,7 +264,7 @@ class PiecewiseClipper(Clipper):
         self._open = step
         return self._finish_step(
             total_norm,
-            torch.full_like(total_norm, self.level()),
+            self.level_like(total_norm),
             step.coef,
             skipped,
             clipped=step.clipped if self.counts_clipped else None,
@@ -282,4 +295,5 @@ class PiecewiseClipper(Clipper):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_open", None)  # belongs to the step in progress
+        state.pop("_levels", None)  # made again on the devices where it is used
         return state

@@ -51,7 +51,7 @@ class LayerWiseClip(PiecewiseClipper):
     def clip_units_(self, pieces: Pieces, finite: Tensor) -> Units:
         norm_type = self.config.norm_type
         norms = powsum_to_norm(pieces.unit_sums(norm_type), norm_type)
-        coefs = (self.config.max_norm / (norms + self.config.eps)).clamp(max=1.0)
+        coefs = (self.level_like(norms) / (norms + self.config.eps)).clamp(max=1.0)
         coefs = torch.where(finite.to(coefs.device), coefs, 1.0)
         pieces.scale_(coefs)
         if coefs.numel() == 0:

@@ -198,6 +198,28 @@ def test_pickle_and_deepcopy_keep_clipping_state() -> None:
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
 
 
+def test_piecewise_copies_step_like_the_original() -> None:
+    """A piecewise clipper keeps its reported level as a tensor made once per device:
+    a pickled or deep-copied optimizer makes its own and steps exactly like the original."""
+    batches = _batches(10)
+    model = _model()
+    opt = distclip.ClippedOptimizer(torch.optim.Adam, method="layer_wise", max_norm=0.05)(
+        model.parameters(), lr=1e-2
+    )
+    first = _train(opt, model, batches[:4])
+    assert all(torch.equal(t, torch.tensor(0.05, dtype=t.dtype)) for t in first)
+    copies = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    expected = _train(opt, model, batches[4:])
+    for clone_model, clone_opt in copies:
+        got = _train(clone_opt, clone_model, batches[4:])
+        assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(model.parameters(), clone_model.parameters(), strict=True)
+        )
+    assert int(opt.clipper.num_clipped) > 0  # the level bites on these batches
+
+
 def test_state_dict_round_trip_resumes_exactly() -> None:
     batches = _batches(20)
     model = _model()
