@@ -87,7 +87,9 @@ def _result_dtype(tensors: list[Tensor]) -> torch.dtype:
     """The dtype torch's norm has: the gradients' dtypes promoted, made real (float32 for none)."""
     if not tensors:
         return torch.float32
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    # Promote the distinct dtypes only: torch.promote_types is an aten dispatch (host
+    # work, no kernel), and gradients usually share one dtype.
+    dtype = functools.reduce(torch.promote_types, dict.fromkeys(t.dtype for t in tensors))
     return dtype.to_real() if dtype.is_complex else dtype
 
 

@@ -87,6 +87,25 @@ def test_functional_drop_ins_called_again_and_again_transfer_nothing(call: Any) 
 
 
 @pytest.mark.parametrize(
+    "call",
+    [
+        lambda ps: distclip.get_total_norm([p.grad for p in ps]),
+        lambda ps: distclip.clip_grad_norm_(ps, 0.5),
+    ],
+    ids=["get_total_norm", "clip_grad_norm_"],
+)
+def test_functional_drop_ins_dispatch_no_per_tensor_op(call: Any) -> None:
+    """8 tensors and 80 cost the same dispatches: one foreach norm per (device, dtype)
+    group, one dtype promotion per distinct dtype (torch.promote_types dispatches)."""
+    few, many = _model(num_layers=4), _model(num_layers=40)
+    few_params, many_params = list(few.parameters()), list(many.parameters())
+    small = _steps(few, lambda: call(few_params), nan_at=0)
+    large = _steps(many, lambda: call(many_params), nan_at=0)
+    for a, b in zip(small, large, strict=True):
+        assert (a.ops, a.views) == (b.ops, b.views), (a.names - b.names, b.names - a.names)
+
+
+@pytest.mark.parametrize(
     ("opt_cls", "kwargs"),
     [
         (torch.optim.AdamW, {"lr": 1e-3, "fused": True}),
